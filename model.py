@@ -1,0 +1,337 @@
+"""Train the next-word Mixture-of-Experts model and save it to `saved_model/`.
+
+Usage:
+    python model.py                                # built-in corpus, < 1 min
+    python model.py --corpus book.txt notes.txt --epochs 40
+    python model.py --routing switch --capacity-factor 1.25 --num-experts 8
+    python model.py --help                         # every setting
+
+Writes `model.keras`, `tokenizer.json`, `max_seq_len.txt` and
+`training.json` into `--output` (default `saved_model/`), atomically: an
+interrupted or failing run leaves the previous model as it was. Serve it with
+`python serve.py "some text"`.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import sys
+import time
+
+# Silence TensorFlow's C++ start-up log unless the user asked for it.
+_QUIET_TF = "TF_CPP_MIN_LOG_LEVEL" not in os.environ
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+ROUTINGS = ("top_k", "switch", "soft")
+
+
+@dataclasses.dataclass
+class Config:
+    """Training settings; each field is the flag of the same name."""
+
+    corpus: list[str] | None = None
+    encoding: str = "utf-8"
+    epochs: int = 40
+    batch_size: int = 64
+    max_seq_len: int = 1
+    vocab_size: int = 5000
+    embed_dim: int = 64
+    num_experts: int = 4
+    top_k: int | None = None
+    routing: str = "top_k"
+    hidden_dim: int = 128
+    capacity_factor: float | None = None
+    aux_loss_weight: float = 0.01
+    learning_rate: float = 3e-3
+    validation_split: float = 0.1
+    patience: int = 3
+    seed: int = 1337
+    output: str = "saved_model"
+
+
+HELP = {
+    "corpus": "UTF-8 text files to train on (default: the built-in corpus)",
+    "encoding": "text encoding of the corpus files",
+    "epochs": "most passes over the training pairs (early stopping may "
+    "end sooner)",
+    "batch_size": "(context, next word) pairs per training step",
+    "max_seq_len": "context window: how many preceding words the model sees",
+    "vocab_size": "vocabulary cap, padding and out-of-vocabulary ids "
+    "included; rarer words become out-of-vocabulary",
+    "embed_dim": "word embedding width",
+    "num_experts": "experts in the MoE layer",
+    "top_k": "experts per context (default: 2 for top_k, 1 for switch, all "
+    "for soft)",
+    "routing": "MoE routing",
+    "hidden_dim": "hidden width of each expert",
+    "capacity_factor": "expert capacity factor (default: dropless)",
+    "aux_loss_weight": "weight of the load-balancing loss (0 disables it)",
+    "learning_rate": "Adam learning rate",
+    "validation_split": "held-out fraction at the end of the corpus, in (0, 1)",
+    "patience": "epochs without val_loss improvement before stopping",
+    "seed": "random seed: same seed, same vocabulary and metrics",
+    "output": "directory to write the model bundle to",
+}
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    parser = argparse.ArgumentParser(
+        description="Train the next-word MoE model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    defaults = Config()
+    for field in dataclasses.fields(Config):
+        flag = "--" + field.name.replace("_", "-")
+        kwargs = {"default": getattr(defaults, field.name)}
+        if field.name == "corpus":
+            kwargs.update(nargs="+", metavar="PATH")
+        elif field.name == "routing":
+            kwargs.update(choices=ROUTINGS)
+        elif field.name in ("top_k",):
+            kwargs.update(type=int)
+        elif field.name == "capacity_factor":
+            kwargs.update(type=float)
+        elif field.name == "output":
+            kwargs.update(metavar="DIR")
+        else:
+            kwargs.update(type=type(kwargs["default"]))
+        parser.add_argument(flag, help=HELP[field.name], **kwargs)
+    return Config(**vars(parser.parse_args(argv)))
+
+
+class ConfigError(ValueError):
+    """An invalid setting; the message names the flag."""
+
+
+def validate(config: Config) -> None:
+    """Raises `ConfigError` naming the flag of the first invalid setting."""
+    checks = [
+        (config.epochs >= 1, "--epochs must be at least 1"),
+        (config.batch_size >= 1, "--batch-size must be at least 1"),
+        (config.max_seq_len >= 1, "--max-seq-len must be at least 1"),
+        (config.vocab_size >= 3, "--vocab-size must be at least 3"),
+        (config.embed_dim >= 1, "--embed-dim must be at least 1"),
+        (config.num_experts >= 1, "--num-experts must be at least 1"),
+        (config.hidden_dim >= 1, "--hidden-dim must be at least 1"),
+        (
+            config.top_k is None or 1 <= config.top_k <= config.num_experts,
+            f"--top-k must be between 1 and --num-experts "
+            f"({config.num_experts})",
+        ),
+        (
+            config.capacity_factor is None or config.capacity_factor > 0,
+            "--capacity-factor must be positive",
+        ),
+        (config.aux_loss_weight >= 0, "--aux-loss-weight must be >= 0"),
+        (config.learning_rate > 0, "--learning-rate must be positive"),
+        (
+            0 < config.validation_split < 1,
+            "--validation-split must be between 0 and 1 (exclusive)",
+        ),
+        (config.patience >= 1, "--patience must be at least 1"),
+        (config.routing in ROUTINGS, f"--routing must be one of {ROUTINGS}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            field = message.split()[0][2:].replace("-", "_")
+            value = getattr(config, field)
+            raise ConfigError(f"{message}. Received: {value}")
+
+
+def load_corpus(config: Config) -> list[str]:
+    """The corpus texts (raises `CorpusError`)."""
+    from moe.lm import corpus
+
+    if not config.corpus:
+        return [corpus.default_corpus_text()]
+    return [corpus.read_text(p, config.encoding) for p in config.corpus]
+
+
+def prepare_data(config: Config, texts: list[str]):
+    """Tokenizer, token stream and the train / validation target positions.
+
+    The validation positions are the targets in the last
+    `validation_split` fraction of the token stream (their contexts may
+    reach back into the training part, as when continuing a text).
+    """
+    from moe.lm import corpus
+    from moe.lm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.fit(texts, config.vocab_size)
+    tokens, starts = corpus.token_stream(tokenizer, texts)
+    if len(tokens) < 2:
+        raise corpus.CorpusError(
+            f"the corpus has {len(tokens)} word(s); at least 2 are needed"
+        )
+    split = len(tokens) - max(1, round(len(tokens) * config.validation_split))
+    positions = corpus.pair_positions(starts)
+    train, val = positions[positions < split], positions[positions >= split]
+    if len(train) == 0 or len(val) == 0:
+        raise corpus.CorpusError(
+            f"the corpus is too small: {len(tokens)} words give "
+            f"{len(train)} training and {len(val)} validation pairs; add "
+            "text or change --validation-split"
+        )
+    return tokenizer, tokens, starts, train, val
+
+
+def train(config: Config, verbose: int = 1) -> dict:
+    """Trains, saves the bundle to `config.output` and returns a summary."""
+    validate(config)
+    texts = load_corpus(config)
+    tokenizer, tokens, starts, train_pos, val_pos = prepare_data(config, texts)
+    with _quiet_stderr():
+        import keras
+
+        from moe.lm import architectures, bundle, data
+
+    started = time.perf_counter()
+    keras.utils.set_random_seed(config.seed)
+    train_ds = data.make_dataset(
+        tokens, starts, train_pos, config.max_seq_len, config.batch_size,
+        shuffle_seed=config.seed,
+    )  # fmt: skip
+    val_ds = data.make_dataset(
+        tokens, starts, val_pos, config.max_seq_len, config.batch_size
+    )
+    try:
+        model = build(config, tokenizer.vocab_size)
+    except ValueError as e:  # a combination the layer rejects
+        raise ConfigError(str(e)) from None
+    architectures.compile_model(model, config.learning_rate)
+    stop = keras.callbacks.EarlyStopping(
+        monitor="val_loss",
+        patience=config.patience,
+        restore_best_weights=True,
+    )
+    history = model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=config.epochs,
+        callbacks=[stop],
+        shuffle=False,  # the dataset shuffles itself, reproducibly
+        verbose=verbose,
+    )
+    # The restored best weights, measured again.
+    metrics = model.evaluate(val_ds, return_dict=True, verbose=0)
+    seconds = time.perf_counter() - started
+    summary = {
+        "config": dataclasses.asdict(config),
+        "vocab_size": tokenizer.vocab_size,
+        "tokens": len(tokens),
+        "pairs": {"train": len(train_pos), "validation": len(val_pos)},
+        "epochs_run": len(history.history["loss"]),
+        "validation": {
+            k: float(metrics[k])
+            for k in ("loss", "accuracy", "top5_accuracy", "perplexity")
+        },
+        "history": {
+            k: [float(v) for v in vs] for k, vs in history.history.items()
+        },
+        "seconds": round(seconds, 2),
+        "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": _versions(),
+    }
+    bundle.save_bundle(
+        config.output, model, tokenizer, config.max_seq_len, summary
+    )
+    return summary
+
+
+def build(config: Config, vocab_size: int):
+    from moe.lm import architectures
+
+    return architectures.build_model(
+        vocab_size=vocab_size,
+        max_seq_len=config.max_seq_len,
+        embed_dim=config.embed_dim,
+        num_experts=config.num_experts,
+        hidden_dim=config.hidden_dim,
+        top_k=config.top_k,
+        routing=config.routing,
+        capacity_factor=config.capacity_factor,
+        aux_loss_weight=config.aux_loss_weight,
+        seed=config.seed,
+    )
+
+
+def summary_line(summary: dict) -> str:
+    val = summary["validation"]
+    return (
+        f"vocabulary {summary['vocab_size']} | pairs "
+        f"{summary['pairs']['train']} train, "
+        f"{summary['pairs']['validation']} validation | "
+        f"{summary['epochs_run']} epochs in {summary['seconds']:.1f} s | "
+        f"val top-1 {val['accuracy']:.3f}, top-5 {val['top5_accuracy']:.3f}, "
+        f"perplexity {val['perplexity']:.1f} | saved to "
+        f"{summary['config']['output']}"
+    )
+
+
+def _versions() -> dict:
+    import platform
+
+    import keras
+    import numpy
+    import tensorflow
+
+    import moe
+
+    return {
+        "python": platform.python_version(),
+        "keras": keras.__version__,
+        "keras_backend": keras.backend.backend(),
+        "tensorflow": tensorflow.__version__,
+        "numpy": numpy.__version__,
+        "moe": moe.__version__,
+    }
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Hides the C++ log lines TensorFlow prints while it loads."""
+    if not _QUIET_TF:
+        yield
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+        import tensorflow as tf
+
+        tf.config.list_logical_devices()  # device set-up logs here
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    try:
+        validate(config)  # before the slow imports
+    except ConfigError as e:
+        print(f"model.py: error: {e}", file=sys.stderr)
+        return 1
+    try:
+        with _quiet_stderr():
+            from moe.lm.bundle import BundleError
+            from moe.lm.corpus import CorpusError
+        summary = train(config)
+    except (ConfigError, CorpusError, BundleError, OSError) as e:
+        print(f"model.py: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            f"model.py: interrupted; {config.output} left unchanged",
+            file=sys.stderr,
+        )
+        return 130
+    print(summary_line(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Sparse dispatch: run each token through only the experts it was routed to.
+
+The routing decision arrives as `(tokens, k)` expert indices and weights. It
+is flattened to `k * tokens` (token, expert) *pairs* in slot-major order
+(every token's first choice, then every token's second choice, ...), which is
+also the priority order when an expert is full: first choices before second
+choices, earlier tokens before later ones (GShard's rule).
+
+Three layouts compute exactly the same function; they differ in cost and in
+what the backend needs:
+
+- `dynamic_dispatch` (grouped): for each expert, gather the pairs that chose
+  it (a dynamically sized group), run the expert on them, scatter the
+  weighted results back. Exactly `k * tokens` expert rows, no padding. Needs
+  dynamic shapes: TensorFlow graphs and eager, PyTorch.
+- `capacity_dispatch`: a static `(experts, capacity, d)` buffer; pairs past an
+  expert's capacity are dropped (zero output). `experts * capacity` rows.
+- `block_dispatch` (dropless, static): pairs grouped by expert into blocks
+  of `block_size` rows, each group padded to whole blocks; each block is
+  multiplied by its own expert's weights. At most
+  `k * tokens + experts * (block_size - 1)` rows, static shapes, no drops
+  (the layout of MegaBlocks, Gale et al., 2022). Used by compilers (XLA/JAX)
+  when `capacity_factor=None`.
+
+A non-chosen expert is never computed on a token: buffer rows that no pair
+fills hold zeros and are never read back.
+"""
+
+import math
+
+import keras
+from keras import ops
+
+DISPATCH_MODES = ("auto", "dynamic", "static")
+
+
+def shapes_must_be_static(x):
+    """Whether `x` is being traced by a compiler that needs static shapes.
+
+    JAX does while tracing (`jit`, `grad`, `eval_shape`: `x` is a tracer);
+    TensorFlow inside an XLA (`jit_compile=True`) function; PyTorch under
+    `torch.compile`. This is the one place that asks the backend directly:
+    `keras.ops` has no such query.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+        from tensorflow.python.ops import control_flow_util
+
+        graph = tf.compat.v1.get_default_graph()
+        return control_flow_util.GraphOrParentsInXlaContext(graph)
+    if backend == "jax":
+        import jax
+
+        return isinstance(x, jax.core.Tracer)
+    if backend == "torch":
+        import torch
+
+        return torch.compiler.is_compiling()
+    return True
+
+
+def positions_in_expert(pair_experts, num_experts):
+    """Rank of each pair among the pairs that chose the same expert.
+
+    Args:
+        pair_experts: int32 `(pairs,)`, the expert of each pair, or
+            `num_experts` for a pair that is not routed (padding).
+        num_experts: int.
+
+    Returns:
+        `(positions, counts)`: int32 `(pairs,)` with `-1` for unrouted pairs,
+        and int32 `(num_experts,)` the number of pairs per expert.
+    """
+    # (pairs, num_experts); the extra column absorbs unrouted pairs.
+    one_hot = ops.one_hot(pair_experts, num_experts + 1, dtype="int32")
+    one_hot = one_hot[:, :num_experts]
+    positions = ops.sum(ops.cumsum(one_hot, axis=0) * one_hot, axis=1) - 1
+    return positions, ops.sum(one_hot, axis=0)
+
+
+def expert_capacity(num_tokens, top_k, num_experts, capacity_factor):
+    """Slots per expert: `ceil(capacity_factor * tokens * k / experts)`.
+
+    Never more than `num_tokens` (an expert cannot receive a token twice) and
+    at least 1. `num_tokens` may be a Python int or a scalar tensor.
+    """
+    if isinstance(num_tokens, int):
+        capacity = math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+        return max(1, min(num_tokens, capacity))
+    capacity = ops.cast(
+        ops.ceil(
+            capacity_factor
+            * ops.cast(num_tokens * top_k, "float32")
+            / num_experts
+        ),
+        "int32",
+    )
+    return ops.maximum(1, ops.minimum(num_tokens, capacity))
+
+
+def flatten_pairs(expert_indices, expert_weights, token_mask, num_experts):
+    """`(tokens, k)` routing -> slot-major `(k * tokens,)` pair vectors.
+
+    Pair `p = slot * tokens + token`. Returns `(pair_experts, pair_weights)`;
+    the expert of a token outside `token_mask` (bool `(tokens,)` or `None`)
+    is replaced by `num_experts`, which every dispatch skips.
+    """
+    k = ops.shape(expert_indices)[1]
+    pair_experts = ops.reshape(ops.transpose(expert_indices), (-1,))
+    pair_weights = ops.reshape(ops.transpose(expert_weights), (-1,))
+    if token_mask is not None:
+        pair_routed = ops.tile(token_mask, (k,))
+        pair_experts = ops.where(pair_routed, pair_experts, num_experts)
+    return pair_experts, pair_weights
+
+
+def _pad_row(x):
+    # Append one zero row: index `len(x)` then reads zeros.
+    return ops.concatenate([x, ops.zeros_like(x[:1])], axis=0)
+
+
+def _fill_slots(dest, pair_tokens, num_slots, pad_token):
+    # Inverse of `dest`: for each of `num_slots` buffer rows, the token that
+    # fills it, or `pad_token` (a zero row) if none does. Pairs sent to
+    # `dest == num_slots` (dropped or unrouted) land in a discarded slot.
+    slots = ops.full((num_slots + 1,), pad_token, dtype="int32")
+    slots = ops.scatter_update(slots, ops.expand_dims(dest, 1), pair_tokens)
+    return slots[:num_slots]
+
+
+def _combine(expert_rows, dest, pair_weights, num_tokens, k):
+    # expert_rows: (rows, d_out); dest: (pairs,) row of each pair, `rows` if
+    # the pair was dropped. Returns (tokens, d_out) = sum_k weight * row.
+    rows = ops.take(_pad_row(expert_rows), dest, axis=0)
+    rows = rows * ops.cast(pair_weights, rows.dtype)[:, None]
+    return ops.sum(ops.reshape(rows, (k, num_tokens, -1)), axis=0)
+
+
+def dynamic_dispatch(tokens, pair_experts, pair_weights, k, experts,
+                     expert_fn, num_experts):
+    """Grouped dispatch with dynamic group sizes (see module docstring).
+
+    Args:
+        tokens: `(tokens, d)`.
+        pair_experts: int32 `(k * tokens,)`; `num_experts` = not computed.
+        pair_weights: `(k * tokens,)` combine weights.
+        experts: the stacked expert parameters, a list of tensors whose
+            first axis is the expert axis.
+        expert_fn: `expert_fn(x, *params) -> y` for one expert's params.
+    """
+    num_tokens = ops.shape(tokens)[0]
+    pair_tokens = ops.tile(ops.arange(num_tokens, dtype="int32"), (k,))
+    # Unstacking once gives each expert its slice with a cheap gradient (one
+    # stack), where indexing the variable per expert would not.
+    per_expert = list(
+        zip(*[ops.unstack(ops.convert_to_tensor(p), axis=0) for p in experts])
+    )
+    outputs, owners = [], []
+    for expert_id, params in enumerate(per_expert):
+        (pair_ids,) = ops.nonzero(ops.equal(pair_experts, expert_id))
+        token_ids = ops.take(pair_tokens, pair_ids, axis=0)
+        y = expert_fn(ops.take(tokens, token_ids, axis=0), *params)
+        weight = ops.take(pair_weights, pair_ids, axis=0)
+        outputs.append(y * ops.cast(weight, y.dtype)[:, None])
+        owners.append(token_ids)
+    return ops.segment_sum(
+        ops.concatenate(outputs, axis=0),
+        ops.concatenate(owners, axis=0),
+        num_segments=num_tokens,
+    )
+
+
+def capacity_dispatch(tokens, pair_experts, positions, pair_weights, k,
+                      experts, expert_fn, num_experts, capacity):
+    """Static `(experts, capacity, d)` buffer dispatch (see module docstring).
+
+    `positions` come from `positions_in_expert`; pairs with
+    `positions >= capacity` or `pair_experts == num_experts` are dropped.
+    """
+    num_tokens = ops.shape(tokens)[0]
+    pair_tokens = ops.tile(ops.arange(num_tokens, dtype="int32"), (k,))
+    num_slots = num_experts * capacity
+    kept = ops.logical_and(
+        ops.less(pair_experts, num_experts), ops.less(positions, capacity)
+    )
+    # (pairs,) buffer row of each pair; `num_slots` = dropped.
+    dest = ops.where(kept, pair_experts * capacity + positions, num_slots)
+    slot_tokens = _fill_slots(dest, pair_tokens, num_slots, num_tokens)
+    x = ops.take(_pad_row(tokens), slot_tokens, axis=0)
+    x = ops.reshape(x, (num_experts, capacity, -1))  # (E, C, d)
+    y = expert_fn(x, *experts)  # (E, C, d_out)
+    y = ops.reshape(y, (num_slots, -1))
+    return _combine(y, dest, pair_weights, num_tokens, k)
+
+
+def block_size_for(num_pairs, num_experts):
+    """Rows per block for `block_dispatch`.
+
+    Padding costs up to `num_experts * (block_size - 1)` rows, and every block
+    gathers one expert's weights; `sqrt(16 * pairs / experts)` balances the
+    two (weight gathers cost about 16 rows each on CPU), rounded to a power
+    of two in [8, 256].
+    """
+    if not isinstance(num_pairs, int):
+        return 64
+    ideal = math.sqrt(16 * num_pairs / num_experts)
+    return int(min(256, max(8, 2 ** round(math.log2(max(ideal, 1))))))
+
+
+def block_dispatch(tokens, pair_experts, positions, counts, pair_weights, k,
+                   experts, expert_fn, num_experts):
+    """Dropless dispatch with static shapes (see module docstring)."""
+    num_tokens = ops.shape(tokens)[0]
+    num_pairs = ops.shape(pair_experts)[0]
+    pair_tokens = ops.tile(ops.arange(num_tokens, dtype="int32"), (k,))
+    block_size = block_size_for(num_pairs, num_experts)
+    # Static upper bound on the padded rows, in whole blocks.
+    num_blocks = (num_pairs + num_experts * (block_size - 1)) // block_size + 1
+    num_rows = num_blocks * block_size
+    # (E,) each expert's group, padded to whole blocks, laid end to end.
+    padded = (counts + block_size - 1) // block_size * block_size
+    group_end = ops.cumsum(padded)
+    group_start = group_end - padded
+    routed = ops.less(pair_experts, num_experts)
+    start = ops.take(group_start, ops.minimum(pair_experts, num_experts - 1))
+    dest = ops.where(routed, start + positions, num_rows)  # (pairs,)
+    slot_tokens = _fill_slots(dest, pair_tokens, num_rows, num_tokens)
+    x = ops.take(_pad_row(tokens), slot_tokens, axis=0)
+    x = ops.reshape(x, (num_blocks, block_size, -1))  # (blocks, b, d)
+    # (blocks,) the expert owning each block; trailing unused blocks get the
+    # last expert and compute on zero rows that are never read back.
+    block_first_row = ops.arange(num_blocks, dtype="int32") * block_size
+    block_experts = ops.minimum(
+        ops.searchsorted(group_end, block_first_row, side="right"),
+        num_experts - 1,
+    )
+    block_params = [ops.take(p, block_experts, axis=0) for p in experts]
+    y = expert_fn(x, *block_params)  # (blocks, b, d_out)
+    y = ops.reshape(y, (num_rows, -1))
+    return _combine(y, dest, pair_weights, num_tokens, k)
+
+
+def soft_dispatch(tokens, expert_weights, experts, expert_fn):
+    """Every expert on every token, combined by the gate weights (dense)."""
+    y = expert_fn(tokens[None], *experts)  # (E, tokens, d_out)
+    weights = ops.cast(ops.transpose(expert_weights), y.dtype)  # (E, tokens)
+    return ops.sum(y * weights[:, :, None], axis=0)

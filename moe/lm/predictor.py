@@ -1,0 +1,202 @@
+"""`NextWordPredictor`: a trained bundle behind a batched, compiled call."""
+
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from moe.lm.bundle import load_bundle
+from moe.lm.corpus import pair_positions, token_stream
+from moe.lm.data import contexts
+from moe.lm.tokenizer import NUM_RESERVED, OOV_ID, Tokenizer
+
+# Batch sizes the compiled call sees: a batch is padded up to the next one,
+# so at most len(BUCKETS) traces ever happen. Bigger batches are chunked.
+BUCKETS = (1, 8, 64, 512)
+# Keras's cross-entropy clips probabilities the same way.
+EPSILON = 1e-7
+
+
+class NextWordPredictor:
+    """Predicts the next word of a text with a trained model.
+
+    The context of a query is its last `max_seq_len` words (see
+    `moe.lm.data.contexts`, shared with training). Padding and the
+    out-of-vocabulary token are never predicted; a query of only unknown
+    words still gets the best real word.
+
+    Example:
+        predictor = NextWordPredictor.load("saved_model")
+        predictor.predict_next("how are")          # "you"
+        predictor.predict_next(["how are", "the"])  # ["you", "cat"]
+        predictor.top("how are", 3)  # [("you", 0.61), ("we", 0.1), ...]
+    """
+
+    def __init__(self, model: keras.Model, tokenizer: Tokenizer, max_seq_len):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_seq_len = int(max_seq_len)
+        self._predict = self._compile()
+
+    @classmethod
+    def load(cls, model_dir: str | Path = "saved_model") -> "NextWordPredictor":
+        """Loads and validates a bundle written by `model.py`.
+
+        Raises:
+            moe.lm.bundle.BundleError: what is missing or wrong.
+        """
+        bundle = load_bundle(model_dir)
+        return cls(bundle.model, bundle.tokenizer, bundle.max_seq_len)
+
+    def _compile(self):
+        """`(tokens, ends, begins) -> probabilities`, compiled per shape."""
+        model, max_seq_len = self.model, self.max_seq_len
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            @tf.function(jit_compile=False, autograph=False)
+            def predict(tokens, ends, begins):
+                inputs = contexts(tokens, ends, begins, max_seq_len)
+                return model(inputs, training=False)
+
+            return lambda *args: predict(*args).numpy()
+
+        # Other backends: contexts on the host, then Keras's compiled
+        # (jitted on JAX) predict step.
+        def predict(tokens, ends, begins):
+            inputs = contexts(tokens, ends, begins, max_seq_len).numpy()
+            return keras.ops.convert_to_numpy(model.predict_on_batch(inputs))
+
+        return predict
+
+    def encode(self, text: str) -> list[int]:
+        """Word ids of `text`.
+
+        Raises:
+            ValueError: the text has no words.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"a query must be a string, got {type(text)}")
+        ids = self.tokenizer.encode(text)
+        if not ids:
+            raise ValueError(f"empty query: no words in {text!r}")
+        return ids
+
+    def probabilities(self, texts: list[str]) -> np.ndarray:
+        """Next-word probabilities `(len(texts), vocab_size)`, batched."""
+        # Only the last max_seq_len words can be in a context.
+        queries = [self.encode(t)[-self.max_seq_len :] for t in texts]
+        if not queries:
+            return np.zeros((0, self.tokenizer.vocab_size), np.float32)
+        size = BUCKETS[-1]
+        return np.concatenate(
+            [
+                self._probabilities(queries[i : i + size])
+                for i in range(0, len(queries), size)
+            ]
+        )
+
+    def _probabilities(self, queries: list[list[int]]) -> np.ndarray:
+        """Lays the queries end to end as one stream and runs the model."""
+        n = len(queries)
+        batch = next(b for b in BUCKETS if b >= n)
+        width = self.max_seq_len
+        tokens = np.full(batch * width, OOV_ID, np.int32)
+        begins = np.arange(batch, dtype=np.int32) * width
+        # Padding rows get a one-word (OOV) context: harmless, never NaN.
+        ends = begins + 1
+        for row, ids in enumerate(queries):
+            tokens[begins[row] : begins[row] + len(ids)] = ids
+            ends[row] = begins[row] + len(ids)
+        return self._predict(tokens, ends, begins)[:n]
+
+    def predict_next(self, text: str | list[str]) -> str | list[str]:
+        """The most probable next word of `text` (or of each text)."""
+        single = isinstance(text, str)
+        probs = self.probabilities([text] if single else list(text))
+        ids = np.argmax(probs[:, NUM_RESERVED:], axis=-1) + NUM_RESERVED
+        words = self.tokenizer.decode(ids.tolist())
+        return words[0] if single else words
+
+    def top(self, text: str, n: int = 5) -> list[tuple[str, float]]:
+        """The `n` most probable next words with their probabilities."""
+        if n < 1:
+            raise ValueError(f"`n` must be at least 1. Received: n={n}")
+        probs = self.probabilities([text])[0, NUM_RESERVED:]
+        order = np.argsort(-probs, kind="stable")[:n]
+        words = self.tokenizer.decode((order + NUM_RESERVED).tolist())
+        return [(w, float(probs[i])) for w, i in zip(words, order, strict=True)]
+
+    def generate(
+        self,
+        text: str,
+        num_words: int,
+        temperature: float | None = None,
+        seed: int | None = None,
+    ) -> list[str]:
+        """Continues `text` by `num_words` words.
+
+        Greedy by default; with `temperature > 0`, samples from the real-word
+        probabilities sharpened (< 1) or flattened (> 1) by `temperature`.
+        """
+        ids = self.encode(text)
+        rng = np.random.default_rng(seed)
+        words = []
+        for _ in range(num_words):
+            context = [ids[-self.max_seq_len :]]
+            probs = self._probabilities(context)[0, NUM_RESERVED:]
+            if temperature:
+                logits = np.log(np.maximum(probs, EPSILON)) / temperature
+                weights = np.exp(logits - logits.max())
+                index = rng.choice(len(weights), p=weights / weights.sum())
+            else:
+                index = int(np.argmax(probs))
+            ids.append(index + NUM_RESERVED)
+            words.append(self.tokenizer.decode([ids[-1]])[0])
+        return words
+
+    def evaluate(self, text: str) -> dict:
+        """Next-word top-1 / top-5 accuracy and perplexity on `text`.
+
+        Pairs are built exactly as in training (`contexts`, sentence
+        boundaries included). An out-of-vocabulary target is a miss.
+
+        Raises:
+            ValueError: the text gives no (context, next word) pair.
+        """
+        tokens, starts = token_stream(self.tokenizer, [text])
+        positions = pair_positions(starts)
+        if len(positions) == 0:
+            raise ValueError(
+                "nothing to evaluate: the text needs a sentence of at least "
+                "2 words"
+            )
+        probs, size = [], BUCKETS[-1]
+        for i in range(0, len(positions), size):
+            ends = positions[i : i + size]
+            n = len(ends)
+            # Pad to a bucket by repeating the first pair.
+            ends = np.resize(ends, next(b for b in BUCKETS if b >= n))
+            probs.append(self._predict(tokens, ends, starts[ends])[:n])
+        return next_word_metrics(np.concatenate(probs), tokens[positions])
+
+
+def next_word_metrics(probs: np.ndarray, targets: np.ndarray) -> dict:
+    """Accuracy, top-5 accuracy and perplexity from probabilities (NumPy).
+
+    The same definitions as the training metrics in `architectures`.
+    """
+    rows = np.arange(len(targets))
+    scores = probs.copy()
+    scores[:, :NUM_RESERVED] = -1.0
+    target_scores = scores[rows, targets]
+    # Ties count as hits, as in `keras.ops.in_top_k`.
+    rank = np.sum(scores > target_scores[:, None], axis=-1)
+    real = targets >= NUM_RESERVED
+    p = np.clip(probs[rows, targets], EPSILON, 1.0 - EPSILON)
+    return {
+        "pairs": int(len(targets)),
+        "accuracy": float(np.mean(real & (rank < 1))),
+        "top5_accuracy": float(np.mean(real & (rank < 5))),
+        "perplexity": float(np.exp(np.mean(-np.log(p)))),
+    }

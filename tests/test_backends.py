@@ -1,0 +1,38 @@
+"""Rerun the layer tests on the other Keras backends, each in a subprocess.
+
+Keras fixes its backend at import, so JAX and PyTorch need their own Python
+processes. A backend that is not installed is skipped (requirements-dev.txt
+installs both).
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import pytest
+
+LAYER_TESTS = ["test_moe_layer.py", "test_gating_network.py"]
+OTHER_BACKENDS = [
+    b for b in ("tensorflow", "jax", "torch") if b != keras.backend.backend()
+]
+
+
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+def test_layer_tests_pass_on_backend(backend):
+    module = "tensorflow" if backend == "tensorflow" else backend
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed")
+    tests_dir = Path(__file__).parent
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         *[str(tests_dir / name) for name in LAYER_TESTS]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]

@@ -1,0 +1,266 @@
+"""End to end: `model.py` and `serve.py` as a user runs them."""
+
+import dataclasses
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import (
+    LM_TINY_CORPUS,
+    LM_TINY_FLAGS,
+    REPO_ROOT,
+    run_script,
+    script_env,
+)
+
+import model
+import serve
+from moe.lm import bundle
+
+
+def test_train_then_serve_end_to_end(lm_trained, lm_corpus_file):
+    out, result = lm_trained
+    summary = result.stdout.strip().splitlines()[-1]
+    assert summary.startswith("vocabulary ") and f"saved to {out}" in summary
+    assert "Epoch 2/2" in result.stdout  # Keras's progress output
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["model.keras", "tokenizer.json", "max_seq_len.txt", "training.json"]
+    )
+    assert (out / "max_seq_len.txt").read_text().strip() == "3"
+    training = json.loads((out / "training.json").read_text())
+    assert training["config"]["corpus"] == [str(lm_corpus_file)]
+    assert set(training["validation"]) == {
+        "loss", "accuracy", "top5_accuracy", "perplexity",
+    }  # fmt: skip
+    assert {"keras", "tensorflow", "numpy"} <= set(training["versions"])
+    assert "trained_at" in training
+
+    predictor = serve.NextWordPredictor.load(out)
+    vocabulary = set(predictor.tokenizer.vocabulary)
+    queries = ["the cat sat on", "how are", "qqq"]
+    cli = run_script("serve.py", "--model-dir", out, *queries)
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stderr == ""
+    answers = cli.stdout.splitlines()
+    assert answers == predictor.predict_next(queries)
+    assert set(answers) <= vocabulary
+
+    piped = run_script(
+        "serve.py", "--model-dir", out, input="the cat\n\nhow are\n"
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.splitlines() == [
+        predictor.predict_next("the cat"),
+        "",  # a blank line gets a blank answer: lines stay aligned
+        predictor.predict_next("how are"),
+    ]
+
+    top = run_script("serve.py", "--model-dir", out, "--top", "3", "the")
+    words = top.stdout.split()[::2]
+    assert [w for w, _ in predictor.top("the", 3)] == words
+
+    gen = run_script("serve.py", "--model-dir", out, "--generate", "3", "the")
+    assert gen.stdout.strip() == "the " + " ".join(predictor.generate("the", 3))
+
+    ev = run_script("serve.py", "--model-dir", out, "--eval", lm_corpus_file)
+    assert ev.returncode == 0, ev.stderr
+    m = predictor.evaluate(LM_TINY_CORPUS)
+    assert (
+        f"{m['pairs']} pairs | top-1 accuracy {m['accuracy']:.4f} | top-5 "
+        f"accuracy {m['top5_accuracy']:.4f} | perplexity "
+        f"{m['perplexity']:.2f}"
+    ) in ev.stdout
+
+
+def test_flags_map_one_to_one_to_config():
+    help_text = run_script("model.py", "--help").stdout
+    for field in dataclasses.fields(model.Config):
+        assert "--" + field.name.replace("_", "-") in help_text
+    config = model.parse_args(["--top-k", "1", "--capacity-factor", "1.5"])
+    assert config == model.Config(top_k=1, capacity_factor=1.5)
+
+
+def test_same_seed_same_vocabulary_and_metrics(tmp_path, lm_corpus_file):
+    runs = []
+    for name in ("a", "b"):
+        config = model.parse_args(
+            ["--corpus", str(lm_corpus_file), "--output", str(tmp_path / name)]
+            + LM_TINY_FLAGS
+        )
+        runs.append(model.train(config, verbose=0))
+    assert (tmp_path / "a" / "tokenizer.json").read_text() == (
+        tmp_path / "b" / "tokenizer.json"
+    ).read_text()
+    assert runs[0]["validation"] == runs[1]["validation"]
+    assert runs[0]["history"] == runs[1]["history"]
+
+
+# --- bad input: one line on stderr, non-zero exit, nothing overwritten ------
+
+
+def _bad_inputs(tmp, bundle_dir):
+    """name -> (argv, expected stderr fragment)."""
+    files = {
+        "empty.txt": b"",
+        "one_word.txt": b"hello",
+        "punctuation.txt": b"... !!! ???",
+        "binary.bin": b"\x7fELF\x00\x00\x01",
+        "latin1.txt": "caf\xe9 cr\xe8me".encode("latin-1"),
+    }
+    for name, content in files.items():
+        (tmp / name).write_bytes(content)
+
+    def broken_bundle(name, breaker):
+        path = tmp / name
+        shutil.copytree(bundle_dir, path)
+        breaker(path)
+        return path
+
+    partial = broken_bundle(
+        "partial", lambda p: (p / "tokenizer.json").unlink()
+    )
+    corrupt_model = broken_bundle(
+        "corrupt_model", lambda p: (p / "model.keras").write_bytes(b"junk")
+    )
+    corrupt_tok = broken_bundle(
+        "corrupt_tok", lambda p: (p / "tokenizer.json").write_text("{")
+    )
+    mismatch = broken_bundle(
+        "mismatch", lambda p: (p / "max_seq_len.txt").write_text("7")
+    )
+    out = ["--output", str(tmp / "never_written")]
+    train = ["model.py", *out, "--corpus"]
+    return {
+        "missing_corpus": ([*train, tmp / "nope.txt"], "file not found"),
+        "empty_corpus": ([*train, tmp / "empty.txt"], "0 word(s)"),
+        "one_word": ([*train, tmp / "one_word.txt"], "1 word(s)"),
+        "no_words": ([*train, tmp / "punctuation.txt"], "0 word(s)"),
+        "binary": ([*train, tmp / "binary.bin"], "binary"),
+        "not_utf8": ([*train, tmp / "latin1.txt"], "not valid utf-8"),
+        "zero_experts": (["model.py", *out, "--num-experts", "0"], "experts"),
+        "top_k_gt_experts": (
+            ["model.py", *out, "--num-experts", "2", "--top-k", "3"],
+            "--top-k must be between 1 and --num-experts (2)",
+        ),
+        "zero_epochs": (["model.py", *out, "--epochs", "0"], "--epochs"),
+        "bad_split": (
+            ["model.py", *out, "--validation-split", "1"],
+            "--validation-split",
+        ),
+        "zero_batch": (["model.py", *out, "--batch-size", "0"], "--batch"),
+        "no_model": (
+            ["serve.py", "--model-dir", tmp / "none", "hi"],
+            "no trained model in",
+        ),
+        "partial_model": (
+            ["serve.py", "--model-dir", partial, "hi"],
+            "missing tokenizer.json",
+        ),
+        "corrupt_model": (
+            ["serve.py", "--model-dir", corrupt_model, "hi"],
+            "cannot load",
+        ),
+        "corrupt_tokenizer": (
+            ["serve.py", "--model-dir", corrupt_tok, "hi"],
+            "corrupt",
+        ),
+        "mismatched_bundle": (
+            ["serve.py", "--model-dir", mismatch, "hi"],
+            "bundle mismatch",
+        ),
+        "empty_query": (["serve.py", "--model-dir", bundle_dir, " "], "empty"),
+        "no_word_query": (
+            ["serve.py", "--model-dir", bundle_dir, "?!"],
+            "empty query",
+        ),
+        "eval_missing_file": (
+            ["serve.py", "--model-dir", bundle_dir, "--eval", tmp / "x.txt"],
+            "file not found",
+        ),
+    }
+
+
+ALL_BAD_INPUTS = [
+    "missing_corpus", "empty_corpus", "one_word", "no_words", "binary",
+    "not_utf8", "zero_experts", "top_k_gt_experts", "zero_epochs",
+    "bad_split", "zero_batch", "no_model", "partial_model", "corrupt_model",
+    "corrupt_tokenizer", "mismatched_bundle", "empty_query", "no_word_query",
+    "eval_missing_file",
+]  # fmt: skip
+# Each subprocess loads TensorFlow (~8 s here), so every case runs through
+# `main()` in-process and one case per kind of error also as a real CLI.
+SUBPROCESS_BAD_INPUTS = [
+    "missing_corpus", "not_utf8", "zero_experts", "corrupt_model",
+    "empty_query",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, lm_trained):
+    tmp = tmp_path_factory.mktemp("bad_input")
+    cases = _bad_inputs(tmp, lm_trained[0])
+    assert sorted(cases) == sorted(ALL_BAD_INPUTS)
+    yield cases
+    assert not (tmp / "never_written").exists()
+
+
+def check_one_line_error(code, stdout, stderr, expected):
+    assert code != 0
+    assert "Traceback" not in stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert expected in lines[0]
+    assert stdout == ""
+
+
+@pytest.mark.parametrize("name", ALL_BAD_INPUTS)
+def test_bad_input_via_main(bad_inputs, name, capsys):
+    argv, expected = bad_inputs[name]
+    script = {"model.py": model, "serve.py": serve}[argv[0]]
+    code = script.main([str(a) for a in argv[1:]])
+    captured = capsys.readouterr()
+    check_one_line_error(code, captured.out, captured.err, expected)
+
+
+def test_bad_input_via_cli(bad_inputs):
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {
+            name: pool.submit(run_script, *bad_inputs[name][0])
+            for name in SUBPROCESS_BAD_INPUTS
+        }
+        for name, future in futures.items():
+            r = future.result()
+            check_one_line_error(
+                r.returncode, r.stdout, r.stderr, bad_inputs[name][1]
+            )
+
+
+def test_interrupted_training_keeps_the_old_bundle(tmp_path, lm_trained):
+    target = tmp_path / "saved_model"
+    shutil.copytree(lm_trained[0], target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(LM_TINY_CORPUS * 20)
+    proc = subprocess.Popen(
+        [sys.executable, "model.py", "--corpus", corpus, "--output", target,
+         "--epochs", "100", "--batch-size", "4"],
+        cwd=REPO_ROOT, env=script_env(), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    for line in proc.stdout:  # wait until training is under way
+        if line.startswith("Epoch 1/"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert stderr.strip().splitlines() == [
+        f"model.py: interrupted; {target} left unchanged"
+    ]
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert bundle.load_bundle(target).max_seq_len == 3

@@ -1,0 +1,109 @@
+import numpy as np
+import pytest
+
+from moe.lm import corpus, data
+from moe.lm.tokenizer import Tokenizer, split_sentences
+
+TEXT = (
+    "The cat sat on the mat. The dog sat too!\n"
+    "A single\nline break keeps the sentence going\n\n"
+    "new paragraph here. x"
+)
+
+
+def reference_pairs(text, tokenizer, max_seq_len):
+    """Plain Python loop: every word after the first of its sentence."""
+    pairs = []
+    for sentence in split_sentences(text):
+        ids = [tokenizer.word_id(w) for w in sentence]
+        for i in range(1, len(ids)):
+            context = ids[max(0, i - max_seq_len) : i]
+            pairs.append(([0] * (max_seq_len - len(context)) + context, ids[i]))
+    return pairs
+
+
+def dataset_pairs(dataset):
+    pairs = []
+    for x, y in dataset.as_numpy_iterator():
+        pairs += [(list(c), int(t)) for c, t in zip(x, y, strict=True)]
+    return pairs
+
+
+@pytest.mark.parametrize("max_seq_len", [1, 3, 8])
+def test_dataset_pairs_equal_python_loop(max_seq_len):
+    tokenizer = Tokenizer.fit([TEXT], vocab_size=10)  # some words are OOV
+    tokens, starts = corpus.token_stream(tokenizer, [TEXT])
+    positions = corpus.pair_positions(starts)
+    ds = data.make_dataset(tokens, starts, positions, max_seq_len, 4)
+    expected = reference_pairs(TEXT, tokenizer, max_seq_len)
+    assert len(expected) == len(positions) > 0
+    assert dataset_pairs(ds) == expected
+
+
+def test_shuffle_is_a_reproducible_permutation():
+    tokenizer = Tokenizer.fit([TEXT], vocab_size=100)
+    tokens, starts = corpus.token_stream(tokenizer, [TEXT])
+    positions = corpus.pair_positions(starts)
+
+    def pairs(seed):
+        return dataset_pairs(
+            data.make_dataset(tokens, starts, positions, 3, 5, seed)
+        )
+
+    ordered = dataset_pairs(data.make_dataset(tokens, starts, positions, 3, 5))
+    assert pairs(1) == pairs(1)
+    assert pairs(1) != ordered
+    assert sorted(pairs(1)) == sorted(ordered)
+
+
+def test_separate_texts_are_separate_sentences():
+    tokenizer = Tokenizer.fit(["a b c"], 10)
+    tokens, starts = corpus.token_stream(tokenizer, ["a b", "c"])
+    assert starts.tolist() == [0, 0, 2]
+    assert corpus.pair_positions(starts).tolist() == [1]
+
+
+def test_contexts_left_pads_and_keeps_the_last_words():
+    tokens = np.array([5, 6, 7, 8, 9], np.int32)
+    out = data.contexts(tokens, ends=[5, 2, 4], begins=[0, 0, 3], max_seq_len=3)
+    assert out.numpy().tolist() == [[7, 8, 9], [0, 5, 6], [0, 0, 8]]
+
+
+def test_dataset_is_streaming():
+    # The pipeline holds positions, not contexts: one int per pair.
+    tokens = np.arange(1, 1001, dtype=np.int32)
+    starts = np.zeros_like(tokens)
+    positions = corpus.pair_positions(starts)
+    ds = data.make_dataset(tokens, starts, positions, 16, 32, shuffle_seed=0)
+    x, y = next(iter(ds))
+    assert x.shape == (32, 16) and y.shape == (32,)
+    root = ds
+    while hasattr(root, "_input_dataset"):
+        root = root._input_dataset
+    assert root.element_spec.shape == ()  # a scalar position per element
+
+
+def test_read_text(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text("héllo wörld", encoding="utf-8")
+    assert corpus.read_text(good) == "héllo wörld"
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("héllo".encode("latin-1"))
+    with pytest.raises(corpus.CorpusError, match="not valid utf-8"):
+        corpus.read_text(latin)
+    assert corpus.read_text(latin, "latin-1") == "héllo"
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(b"\x00\x01\x02abc")
+    with pytest.raises(corpus.CorpusError, match="binary"):
+        corpus.read_text(binary)
+    with pytest.raises(corpus.CorpusError, match="not found"):
+        corpus.read_text(tmp_path / "missing.txt")
+    with pytest.raises(corpus.CorpusError, match="directory"):
+        corpus.read_text(tmp_path)
+    with pytest.raises(corpus.CorpusError, match="unknown text encoding"):
+        corpus.read_text(good, "no-such-codec")
+
+
+def test_default_corpus_is_package_data():
+    text = corpus.default_corpus_text()
+    assert len(text.split()) > 1000

@@ -1,0 +1,142 @@
+import numpy as np
+import pytest
+
+from moe.lm.predictor import next_word_metrics
+from moe.lm.tokenizer import NUM_RESERVED, split_sentences
+
+QUERIES = [
+    "the cat",
+    "how are",
+    "i am fine thank",
+    "zzz qqq",  # only unknown words
+    "don't worry about the",
+    "one two three four five six seven the dog sat on the",  # > max_seq_len
+]
+
+
+def reference_probabilities(predictor, text):
+    """The model on a context built by hand: last max_seq_len ids, 0-padded."""
+    ids = [predictor.tokenizer.word_id(w) for w in text.split()]
+    ids = ids[-predictor.max_seq_len :]
+    context = [0] * (predictor.max_seq_len - len(ids)) + ids
+    return np.asarray(predictor.model(np.array([context], np.int32)))[0]
+
+
+def test_batch_answers_equal_single_answers(lm_predictor):
+    batch = lm_predictor.predict_next(QUERIES)
+    assert batch == [lm_predictor.predict_next(q) for q in QUERIES]
+    assert all(isinstance(w, str) for w in batch)
+
+
+def test_answers_are_real_words_never_pad_or_oov(lm_predictor):
+    vocabulary = set(lm_predictor.tokenizer.vocabulary)
+    for word in lm_predictor.predict_next(QUERIES):
+        assert word in vocabulary
+    for word, _ in lm_predictor.top("zzz qqq", 50):
+        assert word in vocabulary
+
+
+def test_probabilities_match_the_model_on_hand_built_contexts(lm_predictor):
+    probs = lm_predictor.probabilities(QUERIES)
+    for query, row in zip(QUERIES, probs, strict=True):
+        expected = reference_probabilities(lm_predictor, query)
+        np.testing.assert_allclose(row, expected, rtol=1e-5, atol=1e-6)
+        best = int(np.argmax(expected[NUM_RESERVED:])) + NUM_RESERVED
+        assert (
+            lm_predictor.predict_next(query)
+            == (lm_predictor.tokenizer.decode([best])[0])
+        )
+
+
+def test_long_query_uses_its_last_words(lm_predictor):
+    long = "the cat sat on the mat the dog sat on the"
+    last = " ".join(long.split()[-lm_predictor.max_seq_len :])
+    np.testing.assert_allclose(
+        lm_predictor.probabilities([long]), lm_predictor.probabilities([last])
+    )
+
+
+def test_batches_beyond_the_largest_bucket(lm_predictor):
+    queries = QUERIES * 100  # 600 > 512: two chunks
+    words = lm_predictor.predict_next(queries)
+    assert words == lm_predictor.predict_next(QUERIES) * 100
+
+
+def test_top_is_sorted_and_matches_the_model(lm_predictor):
+    top = lm_predictor.top("the cat", 4)
+    assert len(top) == 4
+    probs = [p for _, p in top]
+    assert probs == sorted(probs, reverse=True)
+    expected = reference_probabilities(lm_predictor, "the cat")
+    for word, p in top:
+        assert p == pytest.approx(
+            expected[lm_predictor.tokenizer.word_id(word)], rel=1e-5
+        )
+    assert top[0][0] == lm_predictor.predict_next("the cat")
+
+
+def test_empty_query_is_rejected(lm_predictor):
+    with pytest.raises(ValueError, match="empty query"):
+        lm_predictor.predict_next("  ,!  ")
+    with pytest.raises(ValueError, match="must be at least 1"):
+        lm_predictor.top("the", 0)
+
+
+def test_greedy_generation_repeats_predict_next(lm_predictor):
+    words = lm_predictor.generate("the cat", 4)
+    text = "the cat"
+    for word in words:
+        assert word == lm_predictor.predict_next(text)
+        text += " " + word
+
+
+def test_sampling_is_reproducible_with_a_seed(lm_predictor):
+    a = lm_predictor.generate("the", 6, temperature=1.5, seed=3)
+    b = lm_predictor.generate("the", 6, temperature=1.5, seed=3)
+    assert a == b
+    vocabulary = set(lm_predictor.tokenizer.vocabulary)
+    assert set(a) <= vocabulary
+
+
+def test_evaluate_equals_numpy_reference(lm_predictor):
+    text = "The cat sat on the rug. How are you? The zebra sat on the mat!"
+    probs, targets = [], []
+    for sentence in split_sentences(text):
+        for i in range(1, len(sentence)):
+            probs.append(
+                reference_probabilities(lm_predictor, " ".join(sentence[:i]))
+            )
+            targets.append(lm_predictor.tokenizer.word_id(sentence[i]))
+    probs, targets = np.array(probs), np.array(targets)
+    # Plain NumPy: argmax / top 5 over real words; OOV targets ("zebra")
+    # are misses; perplexity from the target probabilities.
+    real = probs[:, NUM_RESERVED:]
+    top5 = np.argsort(-real, axis=1)[:, :5] + NUM_RESERVED
+    is_real = targets >= NUM_RESERVED
+    expected = {
+        "pairs": len(targets),
+        "accuracy": np.mean(is_real & (top5[:, 0] == targets)),
+        "top5_accuracy": np.mean(
+            is_real & (top5 == targets[:, None]).any(axis=1)
+        ),
+        "perplexity": np.exp(
+            -np.mean(np.log(probs[np.arange(len(targets)), targets]))
+        ),
+    }
+    assert not is_real.all()
+    got = lm_predictor.evaluate(text)
+    assert got["pairs"] == expected["pairs"] == 12
+    for key in ("accuracy", "top5_accuracy", "perplexity"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-5)
+
+
+def test_next_word_metrics_oov_target_is_a_miss():
+    probs = np.array([[0.0, 0.9, 0.1], [0.0, 0.2, 0.8]])
+    m = next_word_metrics(probs, np.array([1, 2]))
+    assert m["accuracy"] == 0.5  # row 0: OOV target never counts
+    assert m["top5_accuracy"] == 0.5
+
+
+def test_evaluate_needs_a_pair(lm_predictor):
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        lm_predictor.evaluate("cat. dog.")
