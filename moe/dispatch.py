@@ -137,13 +137,13 @@ def _combine(expert_rows, dest, pair_weights, num_tokens, k):
     return ops.sum(ops.reshape(rows, (k, num_tokens, -1)), axis=0)
 
 
-def dynamic_dispatch(tokens, pair_experts, pair_weights, k, experts,
-                     expert_fn, num_experts):
+def dynamic_dispatch(tokens, pair_experts, pair_weights, k, experts, expert_fn):
     """Grouped dispatch with dynamic group sizes (see module docstring).
 
     Args:
         tokens: `(tokens, d)`.
-        pair_experts: int32 `(k * tokens,)`; `num_experts` = not computed.
+        pair_experts: int32 `(k * tokens,)`; an id past the last expert
+            (unrouted or dropped) is never computed.
         pair_weights: `(k * tokens,)` combine weights.
         experts: the stacked expert parameters, a list of tensors whose
             first axis is the expert axis.
@@ -171,8 +171,17 @@ def dynamic_dispatch(tokens, pair_experts, pair_weights, k, experts,
     )
 
 
-def capacity_dispatch(tokens, pair_experts, positions, pair_weights, k,
-                      experts, expert_fn, num_experts, capacity):
+def capacity_dispatch(
+    tokens,
+    pair_experts,
+    positions,
+    pair_weights,
+    k,
+    experts,
+    expert_fn,
+    num_experts,
+    capacity,
+):
     """Static `(experts, capacity, d)` buffer dispatch (see module docstring).
 
     `positions` come from `positions_in_expert`; pairs with
@@ -208,8 +217,17 @@ def block_size_for(num_pairs, num_experts):
     return int(min(256, max(8, 2 ** round(math.log2(max(ideal, 1))))))
 
 
-def block_dispatch(tokens, pair_experts, positions, counts, pair_weights, k,
-                   experts, expert_fn, num_experts):
+def block_dispatch(
+    tokens,
+    pair_experts,
+    positions,
+    counts,
+    pair_weights,
+    k,
+    experts,
+    expert_fn,
+    num_experts,
+):
     """Dropless dispatch with static shapes (see module docstring)."""
     num_tokens = ops.shape(tokens)[0]
     num_pairs = ops.shape(pair_experts)[0]

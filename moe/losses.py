@@ -18,8 +18,9 @@ def _masked_mean(values, token_mask):
     return ops.sum(values * weights, axis=0) / total
 
 
-def expert_load(expert_indices, expert_weights, num_experts, token_mask=None,
-                soft=False):
+def expert_load(
+    expert_indices, expert_weights, num_experts, token_mask=None, soft=False
+):
     """Fraction of the routed assignments that each expert receives.
 
     For sparse routing this counts the router's choices (before any capacity

@@ -3,9 +3,11 @@ from keras import ops
 
 from moe import dispatch as dispatch_lib
 from moe import losses
-from moe.gating_network import GatingNetwork
-from moe.gating_network import validate_num_experts
-from moe.gating_network import validate_top_k
+from moe.gating_network import (
+    GatingNetwork,
+    validate_num_experts,
+    validate_top_k,
+)
 from moe.routing import ROUTINGS
 
 
@@ -388,109 +390,136 @@ class MoELayer(keras.layers.Layer):
         return ops.transpose(ops.reshape(kept, (k, num_tokens)))
 
     def call(self, inputs, training=None, mask=None):
-        tokens, token_mask = self._flatten(inputs, mask)
+        tokens, token_mask = self._flatten(inputs, mask)  # (T, d), (T,)
         decision = self.gating_network(tokens, training=training)
-        indices = decision["expert_indices"]  # (T, k)
+        indices = decision["expert_indices"]  # (T, k) int32
         weights = decision["expert_weights"]  # (T, k) float32
+        if self.routing == "soft":
+            outputs = dispatch_lib.soft_dispatch(
+                tokens, weights, self.expert_weights, self.expert_fn
+            )
+            dropped = ops.zeros((), "float32")
+        else:
+            outputs, dropped = self._sparse_dispatch(
+                tokens, indices, weights, token_mask
+            )
+        if token_mask is not None:
+            outputs = outputs * ops.cast(token_mask, outputs.dtype)[:, None]
+        outputs = ops.reshape(
+            outputs, tuple(ops.shape(inputs)[:-1]) + (ops.shape(outputs)[-1],)
+        )
+        if training or self.telemetry_metrics:
+            self._add_losses_and_telemetry(
+                decision, token_mask, dropped, training
+            )
+        return outputs
+
+    def _use_static_dispatch(self, tokens):
+        if self.dispatch == "static":
+            return True
+        if not dispatch_lib.shapes_must_be_static(tokens):
+            return False
+        if self.dispatch == "dynamic":
+            raise ValueError(
+                "`dispatch='dynamic'` needs dynamic shapes, which a compiler "
+                "tracing this call (JAX jit, XLA, torch.compile) does not "
+                "allow. Use dispatch='auto' or 'static'. "
+                f"Received: dispatch={self.dispatch!r}"
+            )
+        return True
+
+    def _sparse_dispatch(self, tokens, indices, weights, token_mask):
+        """Run each token through its chosen experts only.
+
+        Returns `(outputs (T, d_out), dropped fraction)`.
+        """
+        k = self.experts_per_input
         experts = self.expert_weights
-        static = self.dispatch == "static"
-        if self.dispatch != "static" and dispatch_lib.shapes_must_be_static(
-            tokens
-        ):
-            if self.dispatch == "dynamic":
-                raise ValueError(
-                    "`dispatch='dynamic'` needs dynamic shapes, which a "
-                    "compiler tracing this call (JAX jit, XLA, torch.compile) "
-                    "does not allow. Use dispatch='auto' or 'static'. "
-                    f"Received: dispatch={self.dispatch!r}"
-                )
-            static = True
+        static = self._use_static_dispatch(tokens)
+        # (k * T,) slot-major pairs; unrouted pairs have expert `E`.
+        pair_experts, pair_weights = dispatch_lib.flatten_pairs(
+            indices, weights, token_mask, self.num_experts
+        )
+        dropped = ops.zeros((), "float32")
+        if self.capacity_factor is not None or static:
+            positions, counts = dispatch_lib.positions_in_expert(
+                pair_experts, self.num_experts
+            )
+        if self.capacity_factor is not None:
+            capacity = dispatch_lib.expert_capacity(
+                _static_dim(tokens, 0),
+                k,
+                self.num_experts,
+                self.capacity_factor,
+            )
+            routed = ops.less(pair_experts, self.num_experts)
+            kept = ops.logical_and(routed, ops.less(positions, capacity))
+            dropped = 1.0 - ops.sum(ops.cast(kept, "float32")) / ops.maximum(
+                ops.sum(ops.cast(routed, "float32")), 1.0
+            )
+        if not static:
+            if self.capacity_factor is not None:
+                pair_experts = ops.where(kept, pair_experts, self.num_experts)
+            outputs = dispatch_lib.dynamic_dispatch(
+                tokens, pair_experts, pair_weights, k, experts, self.expert_fn
+            )
+        elif self.capacity_factor is not None:
+            outputs = dispatch_lib.capacity_dispatch(
+                tokens,
+                pair_experts,
+                positions,
+                pair_weights,
+                k,
+                experts,
+                self.expert_fn,
+                self.num_experts,
+                capacity,
+            )
+        else:
+            outputs = dispatch_lib.block_dispatch(
+                tokens,
+                pair_experts,
+                positions,
+                counts,
+                pair_weights,
+                k,
+                experts,
+                self.expert_fn,
+                self.num_experts,
+            )
+        return outputs, dropped
+
+    def _add_losses_and_telemetry(
+        self, decision, token_mask, dropped, training
+    ):
         float_mask = (
             None if token_mask is None else ops.cast(token_mask, "float32")
         )
-
-        k = self.experts_per_input
-        dropped = ops.zeros((), "float32")
-        if self.routing == "soft":
-            outputs = dispatch_lib.soft_dispatch(
-                tokens, weights, experts, self.expert_fn
-            )
-        else:
-            pair_experts, pair_weights = dispatch_lib.flatten_pairs(
-                indices, weights, token_mask, self.num_experts
-            )
-            routed = ops.less(pair_experts, self.num_experts)
-            if self.capacity_factor is not None or static:
-                positions, counts = dispatch_lib.positions_in_expert(
-                    pair_experts, self.num_experts
-                )
-            if self.capacity_factor is not None:
-                capacity = dispatch_lib.expert_capacity(
-                    _static_dim(tokens, 0),
-                    k,
-                    self.num_experts,
-                    self.capacity_factor,
-                )
-                kept = ops.logical_and(routed, ops.less(positions, capacity))
-                dropped = ops.sum(
-                    ops.cast(routed, "float32") - ops.cast(kept, "float32")
-                ) / ops.maximum(ops.sum(ops.cast(routed, "float32")), 1.0)
-            if not static:
-                if self.capacity_factor is not None:
-                    pair_experts = ops.where(
-                        kept, pair_experts, self.num_experts
-                    )
-                outputs = dispatch_lib.dynamic_dispatch(
-                    tokens, pair_experts, pair_weights, k, experts,
-                    self.expert_fn, self.num_experts,
-                )
-            elif self.capacity_factor is not None:
-                outputs = dispatch_lib.capacity_dispatch(
-                    tokens, pair_experts, positions, pair_weights, k,
-                    experts, self.expert_fn, self.num_experts, capacity,
-                )
-            else:
-                outputs = dispatch_lib.block_dispatch(
-                    tokens, pair_experts, positions, counts, pair_weights, k,
-                    experts, self.expert_fn, self.num_experts,
-                )
-
-        if token_mask is not None:
-            outputs = outputs * ops.cast(token_mask, outputs.dtype)[:, None]
-        output_shape = tuple(ops.shape(inputs)[:-1]) + (
-            ops.shape(outputs)[-1],
-        )
-        outputs = ops.reshape(outputs, output_shape)
-
+        probs = decision["router_probs"]
         load = losses.expert_load(
-            indices, weights, self.num_experts, float_mask,
+            decision["expert_indices"],
+            decision["expert_weights"],
+            self.num_experts,
+            float_mask,
             soft=self.routing == "soft",
         )
-        if training:
-            if self.aux_loss_weight:
-                self.add_loss(
-                    self.aux_loss_weight
-                    * losses.load_balancing_loss(
-                        decision["router_probs"], load, float_mask
-                    )
-                )
-            if self.z_loss_weight:
-                self.add_loss(
-                    self.z_loss_weight
-                    * losses.router_z_loss(
-                        decision["router_logits"], float_mask
-                    )
-                )
-        if self.telemetry_metrics:
-            entropy = losses.router_entropy(
-                decision["router_probs"], float_mask
+        if training and self.aux_loss_weight:
+            self.add_loss(
+                self.aux_loss_weight
+                * losses.load_balancing_loss(probs, load, float_mask)
             )
-            values = [load[e] for e in range(self.num_experts)]
-            for metric, value in zip(
-                self.telemetry_metrics, values + [dropped, entropy]
-            ):
+        if training and self.z_loss_weight:
+            self.add_loss(
+                self.z_loss_weight
+                * losses.router_z_loss(decision["router_logits"], float_mask)
+            )
+        if self.telemetry_metrics:
+            values = [load[e] for e in range(self.num_experts)] + [
+                dropped,
+                losses.router_entropy(probs, float_mask),
+            ]
+            for metric, value in zip(self.telemetry_metrics, values):
                 metric.update_state(value)
-        return outputs
 
     def compute_mask(self, inputs, mask=None):
         return mask
@@ -530,7 +559,6 @@ class MoELayer(keras.layers.Layer):
             }
         )
         return config
-
 
 
 def _affine(x, kernel, bias):

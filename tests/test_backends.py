@@ -28,8 +28,15 @@ def test_layer_tests_pass_on_backend(backend):
     tests_dir = Path(__file__).parent
     env = dict(os.environ, KERAS_BACKEND=backend)
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         *[str(tests_dir / name) for name in LAYER_TESTS]],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            *[str(tests_dir / name) for name in LAYER_TESTS],
+        ],
         env=env,
         capture_output=True,
         text=True,

@@ -10,10 +10,9 @@ import keras
 import numpy as np
 import pytest
 from keras import ops
+from moe_reference import layer_params, moe_forward
 
 import moe
-from moe_reference import layer_params
-from moe_reference import moe_forward
 
 BACKEND = keras.backend.backend()
 ROUTINGS = ["top_k", "switch", "soft"]
@@ -43,10 +42,16 @@ def to_numpy(x):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(num_experts=0), "`num_experts` must be .* Received: num_experts=0"),
+        (
+            dict(num_experts=0),
+            "`num_experts` must be .* Received: num_experts=0",
+        ),
         (dict(num_experts=2.5), "Received: num_experts=2.5"),
         (dict(top_k=0), "`top_k` must be between 1 and .* Received: top_k=0"),
-        (dict(top_k=5), r"between 1 and `num_experts` \(4\). Received: top_k=5"),
+        (
+            dict(top_k=5),
+            r"between 1 and `num_experts` \(4\). Received: top_k=5",
+        ),
         (dict(hidden_dim=0), "`hidden_dim` .* Received: hidden_dim=0"),
         (dict(output_dim=-1), "Received: output_dim=-1"),
         (dict(capacity_factor=0), "Received: capacity_factor=0"),
@@ -220,8 +225,12 @@ def test_losses_match_formulas_and_only_in_training():
     )
     layer.gating_network.router_kernel.assign(kernel)
     x = np.array(
-        [[1, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0], [2, 1, 0, 0, 0, 0],
-         [-1, 0, 0, 0, 0, 0]],
+        [
+            [1, 0, 0, 0, 0, 0],
+            [0, 1, 0, 0, 0, 0],
+            [2, 1, 0, 0, 0, 0],
+            [-1, 0, 0, 0, 0, 0],
+        ],
         "float32",
     )
     layer(x, training=False)
@@ -266,7 +275,10 @@ def test_telemetry_appears_in_fit_logs():
     model = keras.Model(inputs, keras.layers.Dense(1)(x))
     model.compile("sgd", "mse")
     history = model.fit(
-        random_inputs((32, 6)), np.zeros((32, 1)), epochs=2, verbose=0,
+        random_inputs((32, 6)),
+        np.zeros((32, 1)),
+        epochs=2,
+        verbose=0,
         validation_split=0.25,
     )
     loads = [history.history[f"moe_load_{e}"][-1] for e in range(4)]
@@ -307,8 +319,14 @@ def test_tiny_model_learns_clustered_task_and_experts_specialise():
     y = np.einsum("nd,ndo->no", x, maps[cluster])
     inputs = keras.Input((8,))
     layer = moe.MoELayer(
-        4, 16, output_dim=2, top_k=2, activation="linear", name="moe",
-        aux_loss_weight=0.1, seed=1,
+        4,
+        16,
+        output_dim=2,
+        top_k=2,
+        activation="linear",
+        name="moe",
+        aux_loss_weight=0.1,
+        seed=1,
     )
     model = keras.Model(inputs, layer(inputs))
     model.compile(keras.optimizers.Adam(0.02), "mse")
@@ -430,7 +448,9 @@ def test_fit_with_jit_compile():
 
 def test_expert_initializer_is_per_expert_and_seeded_experts_differ():
     layer = make_layer(
-        num_experts=8, hidden_dim=64, input_dim=64,
+        num_experts=8,
+        hidden_dim=64,
+        input_dim=64,
         kernel_initializer=keras.initializers.GlorotUniform(seed=1),
     )
     kernel = to_numpy(layer.expert_in_kernel)
@@ -444,7 +464,9 @@ def test_expert_initializer_is_per_expert_and_seeded_experts_differ():
 
 @pytest.mark.parametrize("routing", ROUTINGS)
 def test_extreme_router_logits_stay_finite(routing):
-    layer = make_layer(routing=routing, capacity_factor=1.0 if routing != "soft" else None)
+    layer = make_layer(
+        routing=routing, capacity_factor=1.0 if routing != "soft" else None
+    )
     layer.gating_network.router_kernel.assign(
         np.full((6, 4), 1e4, "float32") * np.array([1, -1, 1, -1], "float32")
     )
