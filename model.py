@@ -78,7 +78,7 @@ HELP = {
 def parse_args(argv: list[str] | None = None) -> Config:
     parser = argparse.ArgumentParser(
         description="Train the next-word MoE model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     defaults = Config()
     for field in dataclasses.fields(Config):
@@ -98,6 +98,15 @@ def parse_args(argv: list[str] | None = None) -> Config:
             kwargs.update(type=type(kwargs["default"]))
         parser.add_argument(flag, help=HELP[field.name], **kwargs)
     return Config(**vars(parser.parse_args(argv)))
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" unless the help already explains the default."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 class ConfigError(ValueError):

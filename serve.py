@@ -56,8 +56,7 @@ __all__ = ["NextWordPredictor", "main"]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Predict the next word with a trained MoE model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Predict the next word with a trained MoE model."
     )
     parser.add_argument(
         "texts",
@@ -81,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model-dir",
         default="saved_model",
         metavar="DIR",
-        help="the bundle model.py wrote",
+        help="the bundle model.py wrote (default: saved_model)",
     )
     parser.add_argument(
         "--eval",
@@ -89,7 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="report top-1/top-5 accuracy and perplexity on a text file",
     )
     parser.add_argument(
-        "--encoding", default="utf-8", help="text encoding of --eval FILE"
+        "--encoding",
+        default="utf-8",
+        help="text encoding of --eval FILE (default: utf-8)",
     )
     return parser.parse_args(argv)
 
