@@ -1,0 +1,17 @@
+"""The `Example:` sections of the public docstrings run and print what they
+say."""
+
+import doctest
+
+import pytest
+
+import moe.gating_network
+import moe.moe_layer
+
+
+@pytest.mark.parametrize("module", [moe.gating_network, moe.moe_layer])
+def test_docstring_examples_run(module):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0
+    assert result.failed == 0
+
