@@ -137,7 +137,16 @@ def count_params(layer):
     return int(sum(np.prod(v.shape) for v in layer.trainable_variables))
 
 
-def run_shape(shape, experts, hidden, top_k, jit, repeats, include_dense):
+def run_shape(
+    shape,
+    experts,
+    hidden,
+    top_k,
+    jit,
+    repeats,
+    include_dense,
+    capacity_factor=None,
+):
     keras.utils.set_random_seed(0)
     x = ops.convert_to_tensor(
         np.random.default_rng(0).normal(size=shape).astype("float32")
@@ -146,7 +155,12 @@ def run_shape(shape, experts, hidden, top_k, jit, repeats, include_dense):
     layers = {}
     for e in experts:
         layers[f"moe_top{top_k}_E{e}"] = moe.MoELayer(
-            e, hidden, top_k=top_k, aux_loss_weight=0, z_loss_weight=0
+            e,
+            hidden,
+            top_k=top_k,
+            capacity_factor=capacity_factor,
+            aux_loss_weight=0,
+            z_loss_weight=0,
         )
     if include_dense:
         layers["dense_ffn"] = dense_ffn(top_k * hidden, d)
@@ -172,6 +186,12 @@ def main(argv=None):
     parser.add_argument("--jit", action="store_true", help="TF XLA")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--experts", type=int, nargs="+", default=[8])
+    parser.add_argument(
+        "--capacity-factor",
+        type=float,
+        default=None,
+        help="MoELayer capacity factor (default: dropless)",
+    )
     parser.add_argument("--json", type=Path, help="write results here")
     args = parser.parse_args(argv)
 
@@ -189,6 +209,7 @@ def main(argv=None):
     print(
         f"# backend={backend} mode={mode} tokens={tokens} d={d} "
         f"hidden={hidden} top_k={top_k} experts={args.experts} "
+        f"capacity_factor={args.capacity_factor} "
         f"median of {repeats} interleaved steps (forward + backward); "
         f"{platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores"
