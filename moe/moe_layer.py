@@ -256,40 +256,32 @@ class MoELayer(keras.layers.Layer):
             name="gating_network",
         )
         self.gating_network.build((None, input_dim))
+        # Stacked expert weights, experts axis first, one variable each.
         kernel_init = _PerExpertInitializer(self.kernel_initializer)
         e, h = self.num_experts, self.hidden_dim
-        self.expert_in_kernel = self.add_weight(
-            name="expert_in_kernel",
-            shape=(e, input_dim, h),
-            initializer=kernel_init,
+
+        def add(name, shape, initializer):
+            return self.add_weight(
+                name=name, shape=(e,) + shape, initializer=initializer
+            )
+
+        self.expert_in_kernel = add(
+            "expert_in_kernel", (input_dim, h), kernel_init
         )
         if self.gated:
-            self.expert_gate_kernel = self.add_weight(
-                name="expert_gate_kernel",
-                shape=(e, input_dim, h),
-                initializer=kernel_init,
+            self.expert_gate_kernel = add(
+                "expert_gate_kernel", (input_dim, h), kernel_init
             )
-        self.expert_out_kernel = self.add_weight(
-            name="expert_out_kernel",
-            shape=(e, h, output_dim),
-            initializer=kernel_init,
+        self.expert_out_kernel = add(
+            "expert_out_kernel", (h, output_dim), kernel_init
         )
         if self.use_bias:
-            self.expert_in_bias = self.add_weight(
-                name="expert_in_bias",
-                shape=(e, h),
-                initializer=self.bias_initializer,
-            )
+            bias_init = self.bias_initializer
+            self.expert_in_bias = add("expert_in_bias", (h,), bias_init)
             if self.gated:
-                self.expert_gate_bias = self.add_weight(
-                    name="expert_gate_bias",
-                    shape=(e, h),
-                    initializer=self.bias_initializer,
-                )
-            self.expert_out_bias = self.add_weight(
-                name="expert_out_bias",
-                shape=(e, output_dim),
-                initializer=self.bias_initializer,
+                self.expert_gate_bias = add("expert_gate_bias", (h,), bias_init)
+            self.expert_out_bias = add(
+                "expert_out_bias", (output_dim,), bias_init
             )
 
     @property
