@@ -23,6 +23,8 @@ import time
 _QUIET_TF = "TF_CPP_MIN_LOG_LEVEL" not in os.environ
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# `moe.routing.ROUTINGS`, repeated so that flags are checked before the slow
+# `import moe` (which loads Keras and TensorFlow).
 ROUTINGS = ("top_k", "switch", "soft")
 
 

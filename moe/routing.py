@@ -42,8 +42,3 @@ def top_k_routing(router_probs, k, normalize=True):
             expert_weights, axis=-1, keepdims=True
         )
     return ops.cast(expert_indices, "int32"), expert_weights
-
-
-def switch_routing(router_probs):
-    """Switch Transformer routing (Fedus et al., 2021): top-1, gate `p_i`."""
-    return top_k_routing(router_probs, 1, normalize=False)

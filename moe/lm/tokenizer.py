@@ -14,8 +14,7 @@ plain, versioned JSON (no pickle).
 
 Pure Python on purpose: it imports nothing heavy, so both CLIs can check
 their input before loading TensorFlow, and it encodes a query in
-microseconds (see `/tmp/lm_measurements.md` in the issue for the comparison
-with `keras.layers.TextVectorization`).
+microseconds (the README compares it with `keras.layers.TextVectorization`).
 """
 
 import collections
@@ -117,9 +116,6 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> list[str]:
         return [self._words[i] for i in ids]
-
-    def get_config(self) -> dict:
-        return {"vocabulary": self.vocabulary}
 
     def to_json(self) -> str:
         return json.dumps(
