@@ -4,10 +4,13 @@ Usage:
     python model.py                                # built-in corpus, < 1 min
     python model.py --corpus book.txt notes.txt --epochs 40
     python model.py --routing switch --capacity-factor 1.25 --num-experts 8
+    python model.py --architecture transformer --num-layers 2 --num-heads 4
+    TF_CONFIG='{"cluster": ...}' python model.py --strategy multi-worker
     python model.py --help                         # every setting
 
-Writes `model.keras`, `tokenizer.json`, `max_seq_len.txt` and
-`training.json` into `--output` (default `saved_model/`), atomically: an
+Writes `model.keras`, `tokenizer.json`, `max_seq_len.txt`,
+`training.json` and the pictures `training.png` and `experts.png` into
+`--output` (default `saved_model/`), atomically: an
 interrupted or failing run leaves the previous model as it was. Serve it with
 `python serve.py "some text"`.
 """
@@ -15,6 +18,7 @@ interrupted or failing run leaves the previous model as it was. Serve it with
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import os
 import sys
 import time
@@ -25,7 +29,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # `moe.routing.ROUTINGS`, repeated so that flags are checked before the slow
 # `import moe` (which loads Keras and TensorFlow).
-ROUTINGS = ("top_k", "switch", "soft")
+ROUTINGS = ("top_k", "switch", "soft", "expert_choice", "hash", "hierarchical")
+# `moe.lm.distribute.STRATEGIES`, repeated for the same reason.
+STRATEGIES = ("none", "mirrored", "multi-worker")
+# `--max-seq-len` when not given: the pooled trunk averages its context, so
+# more than the last word hurts it (README, "Measured figures"); the
+# Transformer attends by position and uses a longer context.
+ARCHITECTURES = {
+    "pooled": {"max_seq_len": 1},
+    "transformer": {"max_seq_len": 8},
+}
 
 
 @dataclasses.dataclass
@@ -36,20 +49,30 @@ class Config:
     encoding: str = "utf-8"
     epochs: int = 40
     batch_size: int = 64
-    max_seq_len: int = 1
+    steps_per_execution: int = 32
+    jit_compile: str = "auto"
+    architecture: str = "pooled"
+    max_seq_len: int | None = None
     vocab_size: int = 5000
     embed_dim: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    dropout: float = 0.1
     num_experts: int = 4
     top_k: int | None = None
     routing: str = "top_k"
     hidden_dim: int = 128
     capacity_factor: float | None = None
+    num_groups: int | None = None
+    num_shared_experts: int = 0
     aux_loss_weight: float = 0.01
     learning_rate: float = 3e-3
     validation_split: float = 0.1
     patience: int = 3
     seed: int = 1337
+    strategy: str = "none"
     output: str = "saved_model"
+    tensorboard: str | None = None
 
 
 HELP = {
@@ -58,22 +81,42 @@ HELP = {
     "epochs": "most passes over the training pairs (early stopping may "
     "end sooner)",
     "batch_size": "(context, next word) pairs per training step",
-    "max_seq_len": "context window: how many preceding words the model sees",
+    "steps_per_execution": "training steps per compiled call: fewer "
+    "Python round trips per step (a small model's main cost)",
+    "jit_compile": "XLA-compile the training step: auto is on for the "
+    "pooled architecture on the TensorFlow backend without --strategy "
+    "(about 2x faster on CPU), else Keras's default",
+    "architecture": "pooled: the average of the context embeddings feeds "
+    "one MoE layer; transformer: causal Transformer blocks with an MoE "
+    "feed-forward layer each",
+    "max_seq_len": "context window: how many preceding words the model sees "
+    "(default: 1 for pooled, 8 for transformer)",
     "vocab_size": "vocabulary cap, padding and out-of-vocabulary ids "
     "included; rarer words become out-of-vocabulary",
-    "embed_dim": "word embedding width",
+    "embed_dim": "word embedding width (the Transformer's width)",
+    "num_layers": "transformer: Transformer blocks",
+    "num_heads": "transformer: attention heads (must divide --embed-dim)",
+    "dropout": "transformer: dropout rate of attention and residuals",
     "num_experts": "experts in the MoE layer",
     "top_k": "experts per context (default: 2 for top_k, 1 for switch, all "
     "for soft)",
     "routing": "MoE routing",
     "hidden_dim": "hidden width of each expert",
-    "capacity_factor": "expert capacity factor (default: dropless)",
+    "capacity_factor": "expert capacity factor (default: dropless; 2 for "
+    "expert_choice)",
+    "num_groups": "expert groups of --routing hierarchical (must divide "
+    "--num-experts)",
+    "num_shared_experts": "always-on shared experts added to the routed ones",
     "aux_loss_weight": "weight of the load-balancing loss (0 disables it)",
     "learning_rate": "Adam learning rate",
     "validation_split": "held-out fraction at the end of the corpus, in (0, 1)",
     "patience": "epochs without val_loss improvement before stopping",
     "seed": "random seed: same seed, same vocabulary and metrics",
+    "strategy": "data-parallel training (TensorFlow backend): mirrored over "
+    "this machine's GPUs (or CPU devices), or multi-worker across the "
+    "machines in TF_CONFIG; --batch-size is the global batch",
     "output": "directory to write the model bundle to",
+    "tensorboard": "also log to TensorBoard in DIR, with per-expert load",
 }
 
 
@@ -90,11 +133,19 @@ def parse_args(argv: list[str] | None = None) -> Config:
             kwargs.update(nargs="+", metavar="PATH")
         elif field.name == "routing":
             kwargs.update(choices=ROUTINGS)
-        elif field.name in ("top_k",):
+        elif field.name == "architecture":
+            kwargs.update(choices=tuple(ARCHITECTURES))
+        elif field.name == "max_seq_len":
+            kwargs.update(type=int)
+        elif field.name in ("top_k", "num_groups"):
             kwargs.update(type=int)
         elif field.name == "capacity_factor":
             kwargs.update(type=float)
-        elif field.name == "output":
+        elif field.name == "strategy":
+            kwargs.update(choices=STRATEGIES)
+        elif field.name == "jit_compile":
+            kwargs.update(choices=("auto", "on", "off"))
+        elif field.name in ("output", "tensorboard"):
             kwargs.update(metavar="DIR")
         else:
             kwargs.update(type=type(kwargs["default"]))
@@ -120,9 +171,26 @@ def validate(config: Config) -> None:
     checks = [
         (config.epochs >= 1, "--epochs must be at least 1"),
         (config.batch_size >= 1, "--batch-size must be at least 1"),
-        (config.max_seq_len >= 1, "--max-seq-len must be at least 1"),
+        (
+            config.steps_per_execution >= 1,
+            "--steps-per-execution must be at least 1",
+        ),
+        (
+            config.max_seq_len is None or config.max_seq_len >= 1,
+            "--max-seq-len must be at least 1",
+        ),
         (config.vocab_size >= 3, "--vocab-size must be at least 3"),
         (config.embed_dim >= 1, "--embed-dim must be at least 1"),
+        (config.num_layers >= 1, "--num-layers must be at least 1"),
+        (
+            config.num_heads >= 1
+            and (
+                config.architecture != "transformer"
+                or config.embed_dim % config.num_heads == 0
+            ),
+            f"--num-heads must divide --embed-dim ({config.embed_dim})",
+        ),
+        (0 <= config.dropout < 1, "--dropout must be in [0, 1)"),
         (config.num_experts >= 1, "--num-experts must be at least 1"),
         (config.hidden_dim >= 1, "--hidden-dim must be at least 1"),
         (
@@ -134,6 +202,19 @@ def validate(config: Config) -> None:
             config.capacity_factor is None or config.capacity_factor > 0,
             "--capacity-factor must be positive",
         ),
+        (
+            config.num_groups is None
+            if config.routing != "hierarchical"
+            else config.num_groups is not None
+            and config.num_groups >= 1
+            and config.num_experts % config.num_groups == 0,
+            "--num-groups must be set, and divide --num-experts "
+            f"({config.num_experts}), exactly when --routing is hierarchical",
+        ),
+        (
+            config.num_shared_experts >= 0,
+            "--num-shared-experts must be >= 0",
+        ),
         (config.aux_loss_weight >= 0, "--aux-loss-weight must be >= 0"),
         (config.learning_rate > 0, "--learning-rate must be positive"),
         (
@@ -141,7 +222,21 @@ def validate(config: Config) -> None:
             "--validation-split must be between 0 and 1 (exclusive)",
         ),
         (config.patience >= 1, "--patience must be at least 1"),
+        (
+            config.tensorboard is None
+            or importlib.util.find_spec("tensorboard") is not None,
+            "--tensorboard needs the tensorboard package (pip install "
+            "tensorboard)",
+        ),
         (config.routing in ROUTINGS, f"--routing must be one of {ROUTINGS}"),
+        (
+            config.architecture in ARCHITECTURES,
+            f"--architecture must be one of {tuple(ARCHITECTURES)}",
+        ),
+        (
+            config.strategy in STRATEGIES,
+            f"--strategy must be one of {STRATEGIES}",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -187,16 +282,40 @@ def prepare_data(config: Config, texts: list[str]):
     return tokenizer, tokens, starts, train, val
 
 
-def train(config: Config, verbose: int = 1) -> dict:
-    """Trains, saves the bundle to `config.output` and returns a summary."""
+def with_defaults(config: Config) -> Config:
+    """`config` with the per-architecture defaults of unset fields."""
+    defaults = ARCHITECTURES[config.architecture]
+    unset = {k: v for k, v in defaults.items() if getattr(config, k) is None}
+    return dataclasses.replace(config, **unset)
+
+
+def train(
+    config: Config, verbose: int = 1, callbacks=(), strategy=None
+) -> dict:
+    """Trains, saves the bundle to `config.output` and returns a summary.
+
+    `callbacks` are Keras callbacks added to `fit` (early stopping is
+    always there). `strategy` is the `tf.distribute` strategy of
+    `config.strategy` (`moe.lm.distribute.make_strategy`), made here when
+    not given; a multi-worker one must be made at program start, before
+    TensorFlow sets up its devices, as `main` does.
+    """
     validate(config)
+    config = with_defaults(config)
     texts = load_corpus(config)
     tokenizer, tokens, starts, train_pos, val_pos = prepare_data(config, texts)
     with _quiet_stderr():
         import keras
 
-        from moe.lm import architectures, bundle, data
+        from moe.lm import architectures, bundle, data, distribute, plots
+        from moe.lm.expert_load import ExpertLoadCallback
 
+    try:
+        task = distribute.check_strategy(config.strategy)  # TF_CONFIG
+        if strategy is None:
+            strategy = distribute.make_strategy(config.strategy)
+    except distribute.StrategyError as e:
+        raise ConfigError(str(e)) from None
     started = time.perf_counter()
     keras.utils.set_random_seed(config.seed)
     train_ds = data.make_dataset(
@@ -206,21 +325,49 @@ def train(config: Config, verbose: int = 1) -> dict:
     val_ds = data.make_dataset(
         tokens, starts, val_pos, config.max_seq_len, config.batch_size
     )
+    if strategy is not None:
+        try:
+            train_ds = distribute.whole_batches(
+                train_ds, len(train_pos), config.batch_size
+            )
+        except distribute.StrategyError as e:
+            raise ConfigError(str(e)) from None
+        train_ds = distribute.distribute_options(train_ds)
+        val_ds = distribute.distribute_options(val_ds)
+    # Under a strategy, the model's variables are mirrored on every replica.
     try:
-        model = build(config, tokenizer.vocab_size)
+        with distribute.scope(strategy):
+            model = build(config, tokenizer.vocab_size)
     except ValueError as e:  # a combination the layer rejects
         raise ConfigError(str(e)) from None
-    architectures.compile_model(model, config.learning_rate)
+    with distribute.scope(strategy):
+        architectures.compile_model(
+            model,
+            config.learning_rate,
+            steps_per_execution=config.steps_per_execution,
+            jit_compile=jit_compile(config, strategy),
+        )
     stop = keras.callbacks.EarlyStopping(
         monitor="val_loss",
         patience=config.patience,
         restore_best_weights=True,
     )
+    # Per-expert load on a fixed validation sample, on every backend; after
+    # `stop` so that its final load is that of the restored weights.
+    sample, _ = next(iter(data.make_dataset(
+        tokens, starts, val_pos[:1024], config.max_seq_len, 1024
+    )))  # fmt: skip
+    load = ExpertLoadCallback(sample.numpy(), log_dir=config.tensorboard)
+    board = []
+    if config.tensorboard:
+        board = [
+            keras.callbacks.TensorBoard(config.tensorboard, write_graph=False)
+        ]
     history = model.fit(
         train_ds,
         validation_data=val_ds,
         epochs=config.epochs,
-        callbacks=[stop],
+        callbacks=[stop, load, *board, *callbacks],
         shuffle=False,  # the dataset shuffles itself, reproducibly
         verbose=verbose,
     )
@@ -240,19 +387,72 @@ def train(config: Config, verbose: int = 1) -> dict:
         "history": {
             k: [float(v) for v in vs] for k, vs in history.history.items()
         },
+        "expert_load": {"per_epoch": load.history, "final": load.final},
+        "distribution": distribute.describe(strategy, task),
         "seconds": round(seconds, 2),
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": _versions(),
     }
-    bundle.save_bundle(
-        config.output, model, tokenizer, config.max_seq_len, summary
-    )
+    figures = {
+        bundle.TRAINING_FIGURE: plots.training_png(summary["history"]),
+        bundle.EXPERTS_FIGURE: plots.experts_png(load.history, load.final),
+    }
+    if summary["distribution"]["chief"]:  # other workers leave it alone
+        bundle.save_bundle(
+            config.output, model, tokenizer, config.max_seq_len, summary,
+            figures,
+        )  # fmt: skip
     return summary
 
 
+def jit_compile(config: Config, strategy=None) -> bool | str:
+    """`keras.Model.compile`'s `jit_compile` for `config.jit_compile`.
+
+    `auto`: XLA for the pooled architecture on the TensorFlow backend
+    without a `tf.distribute` strategy: its step is dominated by per-op
+    overhead, which XLA fuses away, and the MoE layer switches to its
+    static (padded-block) dispatch, same outputs
+    (`bench/training_throughput.py`: about 2x the pairs/s on CPU). Not for
+    the transformer, which XLA made 3-5x slower on CPU. Keras's own `"auto"`
+    otherwise (no XLA on CPU or under a strategy for TensorFlow; `jit` on
+    JAX; none on PyTorch).
+    """
+    if config.jit_compile != "auto":
+        return config.jit_compile == "on"
+    import keras
+
+    if (
+        keras.backend.backend() == "tensorflow"
+        and config.architecture == "pooled"
+        and strategy is None
+    ):
+        return True
+    return "auto"
+
+
 def build(config: Config, vocab_size: int):
+    """The uncompiled model of `config.architecture`."""
     from moe.lm import architectures
 
+    config = with_defaults(config)
+    if config.architecture == "transformer":
+        return architectures.build_transformer_model(
+            vocab_size=vocab_size,
+            max_seq_len=config.max_seq_len,
+            embed_dim=config.embed_dim,
+            num_layers=config.num_layers,
+            num_heads=config.num_heads,
+            num_experts=config.num_experts,
+            hidden_dim=config.hidden_dim,
+            top_k=config.top_k,
+            routing=config.routing,
+            dropout=config.dropout,
+            seed=config.seed,
+            capacity_factor=config.capacity_factor,
+            aux_loss_weight=config.aux_loss_weight,
+            num_groups=config.num_groups,
+            num_shared_experts=config.num_shared_experts,
+        )
     return architectures.build_model(
         vocab_size=vocab_size,
         max_seq_len=config.max_seq_len,
@@ -264,6 +464,8 @@ def build(config: Config, vocab_size: int):
         capacity_factor=config.capacity_factor,
         aux_loss_weight=config.aux_loss_weight,
         seed=config.seed,
+        num_groups=config.num_groups,
+        num_shared_experts=config.num_shared_experts,
     )
 
 
@@ -275,9 +477,15 @@ def summary_line(summary: dict) -> str:
         f"{summary['pairs']['validation']} validation | "
         f"{summary['epochs_run']} epochs in {summary['seconds']:.1f} s | "
         f"val top-1 {val['accuracy']:.3f}, top-5 {val['top5_accuracy']:.3f}, "
-        f"perplexity {val['perplexity']:.1f} | saved to "
-        f"{summary['config']['output']}"
+        f"perplexity {val['perplexity']:.1f} | {_saved_where(summary)}"
     )
+
+
+def _saved_where(summary: dict) -> str:
+    where = summary.get("distribution", {"chief": True})
+    if where["chief"]:
+        return f"saved to {summary['config']['output']}"
+    return f"not saved by {where['task']}: the chief writes the bundle"
 
 
 def _versions() -> dict:
@@ -328,10 +536,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         with _quiet_stderr():
+            from moe.lm import distribute
             from moe.lm.bundle import BundleError
             from moe.lm.corpus import CorpusError
-        summary = train(config)
-    except (ConfigError, CorpusError, BundleError, OSError) as e:
+
+            # A cluster is joined before TensorFlow sets up its devices.
+            strategy = distribute.make_strategy(config.strategy)
+        summary = train(config, strategy=strategy)
+    except (
+        ConfigError,
+        CorpusError,
+        BundleError,
+        distribute.StrategyError,
+        OSError,
+    ) as e:
         print(f"model.py: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

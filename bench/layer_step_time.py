@@ -17,7 +17,15 @@ Usage:
     python bench/layer_step_time.py --quick    # tiny shapes, seconds
     python bench/layer_step_time.py --jit      # TensorFlow XLA
     KERAS_BACKEND=jax python bench/layer_step_time.py
-    python bench/layer_step_time.py --experts 8 16 32 64   # scaling in E
+    python bench/layer_step_time.py --scaling  # E = 8, 16, 32, 64, top-2
+
+`--scaling` times MoELayer alone at E = 8, 16, 32, 64 (top-2, 4096 tokens
+as (4096, 256), hidden 1024), with parameters; target (issue #5): E=64
+<= 1.3x the step time of E=8. At E >= 32 each expert kernel's gradient is
+>= 32 MB, which glibc's malloc maps fresh (and page-faults) on every step;
+compare with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (transparent huge
+pages). The header line says which setting ran; `cpu ms` is the process
+CPU time, steadier than wall time on a shared machine.
 """
 
 import argparse
@@ -85,7 +93,7 @@ def make_step(layer, x, jit):
     if backend == "tensorflow":
         import tensorflow as tf
 
-        @tf.function(jit_compile=jit)
+        @tf.function(jit_compile=jit, autograph=False)
         def step(x):
             with tf.GradientTape() as tape:
                 loss = tf.reduce_mean(tf.square(layer(x, training=True)))
@@ -125,12 +133,17 @@ def time_contenders(contenders, repeats, warmup=2):
         for _ in range(warmup):
             step()
     times = {name: [] for name in contenders}
+    cpu_times = {name: [] for name in contenders}
     for _ in range(repeats):
         for name, step in contenders.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             step()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+            cpu_times[name].append(time.process_time() - cpu_start)
+    return (
+        {name: statistics.median(t) for name, t in times.items()},
+        {name: statistics.median(t) for name, t in cpu_times.items()},
+    )
 
 
 def count_params(layer):
@@ -175,9 +188,9 @@ def run_shape(
     for layer in layers.values():
         layer(x)  # build
     steps = {name: make_step(layer, x, jit) for name, layer in layers.items()}
-    seconds = time_contenders(steps, repeats)
+    seconds, cpu_seconds = time_contenders(steps, repeats)
     params = {name: count_params(layer) for name, layer in layers.items()}
-    return seconds, params
+    return seconds, cpu_seconds, params
 
 
 def main(argv=None):
@@ -185,7 +198,19 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny shapes")
     parser.add_argument("--jit", action="store_true", help="TF XLA")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--experts", type=int, nargs="+", default=[8])
+    parser.add_argument(
+        "--experts",
+        type=int,
+        nargs="+",
+        default=None,
+        help="expert counts of the MoE layers (default: 8; with --scaling "
+        "8 16 32 64)",
+    )
+    parser.add_argument(
+        "--scaling",
+        action="store_true",
+        help="MoE layers only (no dense contenders), one shape (tokens, d)",
+    )
     parser.add_argument(
         "--capacity-factor",
         type=float,
@@ -195,13 +220,18 @@ def main(argv=None):
     parser.add_argument("--json", type=Path, help="write results here")
     args = parser.parse_args(argv)
 
+    if args.experts is None:
+        args.experts = [8, 16, 32, 64] if args.scaling else [8]
     if args.quick:
         tokens, d, hidden, repeats = 256, 32, 64, args.repeats or 3
         shapes = [(tokens, d), (8, tokens // 8, d)]
     else:
         tokens, d, hidden, repeats = 4096, 256, 1024, args.repeats or 15
         shapes = [(tokens, d), (32, tokens // 32, d)]
+    if args.scaling:
+        shapes = shapes[:1]
     top_k = 2
+    allocator = os.environ.get("GLIBC_TUNABLES", "")
     backend = keras.backend.backend()
     mode = "XLA" if args.jit else "graph"
     if backend != "tensorflow":
@@ -212,43 +242,57 @@ def main(argv=None):
         f"capacity_factor={args.capacity_factor} "
         f"median of {repeats} interleaved steps (forward + backward); "
         f"{platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores"
+        f"{os.cpu_count()} cores; GLIBC_TUNABLES={allocator or '(unset)'}"
     )
     results = []
     for shape in shapes:
-        seconds, params = run_shape(
+        seconds, cpu_seconds, params = run_shape(
             shape,
             args.experts,
             hidden,
             top_k,
             args.jit,
             repeats,
-            include_dense=True,
+            include_dense=not args.scaling,
+            capacity_factor=args.capacity_factor,
         )
         moe_name = f"moe_top{top_k}_E{args.experts[0]}"
+        base = moe_name if args.scaling else "dense_ffn"
         print(f"\nshape {shape}")
-        print(f"{'layer':<18}{'ms/step':>10}{'params':>12}{'vs dense':>10}")
+        print(
+            f"{'layer':<18}{'ms/step':>10}{'cpu ms':>10}{'params':>12}"
+            f"{'vs ' + base:>22}"
+        )
         for name in seconds:
             print(
-                f"{name:<18}{seconds[name] * 1e3:>10.2f}{params[name]:>12,}"
-                f"{seconds[name] / seconds['dense_ffn']:>9.2f}x"
+                f"{name:<18}{seconds[name] * 1e3:>10.2f}"
+                f"{cpu_seconds[name] * 1e3:>10.2f}{params[name]:>12,}"
+                f"{seconds[name] / seconds[base]:>21.2f}x"
             )
-        ratios = {
-            "moe_vs_dense_ffn": seconds[moe_name] / seconds["dense_ffn"],
-            "all_experts_vs_moe": seconds["all_experts"] / seconds[moe_name],
-            "soft_vs_moe": seconds["soft"] / seconds[moe_name],
-        }
+        ratios = {}
+        if not args.scaling:
+            ratios = {
+                "moe_vs_dense_ffn": seconds[moe_name] / seconds["dense_ffn"],
+                "all_experts_vs_moe": seconds["all_experts"]
+                / seconds[moe_name],
+                "soft_vs_moe": seconds["soft"] / seconds[moe_name],
+            }
         if len(args.experts) > 1:
             first = f"moe_top{top_k}_E{args.experts[0]}"
             for e in args.experts[1:]:
                 ratios[f"E{e}_vs_E{args.experts[0]}"] = (
                     seconds[f"moe_top{top_k}_E{e}"] / seconds[first]
                 )
+                # Process CPU time: steadier than wall time when shared.
+                ratios[f"E{e}_vs_E{args.experts[0]}_cpu"] = (
+                    cpu_seconds[f"moe_top{top_k}_E{e}"] / cpu_seconds[first]
+                )
         print("ratios: " + ", ".join(f"{k}={v:.2f}" for k, v in ratios.items()))
         results.append(
             {
                 "shape": list(shape),
                 "ms": {k: v * 1e3 for k, v in seconds.items()},
+                "cpu_ms": {k: v * 1e3 for k, v in cpu_seconds.items()},
                 "params": params,
                 "ratios": ratios,
             }
@@ -257,7 +301,20 @@ def main(argv=None):
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(
             json.dumps(
-                {"backend": backend, "mode": mode, "results": results}, indent=2
+                {
+                    "backend": backend,
+                    "mode": mode,
+                    "tokens": tokens,
+                    "d": d,
+                    "hidden": hidden,
+                    "top_k": top_k,
+                    "experts": args.experts,
+                    "capacity_factor": args.capacity_factor,
+                    "repeats": repeats,
+                    "glibc_tunables": allocator,
+                    "results": results,
+                },
+                indent=2,
             )
         )
     return results

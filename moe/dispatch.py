@@ -9,10 +9,11 @@ choices, earlier tokens before later ones (GShard's rule).
 Three layouts compute exactly the same function; they differ in cost and in
 what the backend needs:
 
-- `dynamic_dispatch` (grouped): for each expert, gather the pairs that chose
-  it (a dynamically sized group), run the expert on them, scatter the
-  weighted results back. Exactly `k * tokens` expert rows, no padding. Needs
-  dynamic shapes: TensorFlow graphs and eager, PyTorch.
+- `dynamic_dispatch` (grouped): sort the pairs by expert, gather their
+  tokens once, cut them into one dynamically sized group per expert, run
+  each expert on its group, scatter the weighted results back. Exactly
+  `k * tokens` expert rows, no padding. Needs dynamic shapes: TensorFlow
+  graphs and eager, PyTorch.
 - `capacity_dispatch`: a static `(experts, capacity, d)` buffer; pairs past an
   expert's capacity are dropped (zero output). `experts * capacity` rows.
 - `block_dispatch` (dropless, static): pairs grouped by expert into blocks
@@ -140,6 +141,13 @@ def _combine(expert_rows, dest, pair_weights, num_tokens, k):
 def dynamic_dispatch(tokens, pair_experts, pair_weights, k, experts, expert_fn):
     """Grouped dispatch with dynamic group sizes (see module docstring).
 
+    The pairs are sorted by expert once, their tokens gathered once and cut
+    into one contiguous group per expert by a single split; each expert runs
+    on its group, and one weighted `segment_sum` adds the results back to
+    their tokens. The ops that do not scale with the number of experts stay
+    out of the per-expert loop (with 64 experts of ~128 pairs each, per-expert
+    selection ops and their gradients cost as much as the matmuls).
+
     Args:
         tokens: `(tokens, d)`.
         pair_experts: int32 `(k * tokens,)`; an id past the last expert
@@ -150,25 +158,42 @@ def dynamic_dispatch(tokens, pair_experts, pair_weights, k, experts, expert_fn):
         expert_fn: `expert_fn(x, *params) -> y` for one expert's params.
     """
     num_tokens = ops.shape(tokens)[0]
-    pair_tokens = ops.tile(ops.arange(num_tokens, dtype="int32"), (k,))
+    num_experts = ops.shape(experts[0])[0]
+    # Unrouted pairs carry id `num_experts` and sort last, into a group
+    # that is never computed. A token meets an expert at most once, so
+    # the order inside a group (argsort need not be stable) cannot change
+    # any token's sum.
+    pair_experts = ops.minimum(pair_experts, num_experts)
+    order = ops.argsort(pair_experts)
+    counts = ops.bincount(pair_experts, minlength=num_experts + 1)
+    sorted_tokens = ops.cast(order % num_tokens, "int32")  # p = slot*T + t
+    groups = _split_rows(
+        ops.take(tokens, sorted_tokens, axis=0), counts, num_experts + 1
+    )
     # Unstacking once gives each expert its slice with a cheap gradient (one
     # stack), where indexing the variable per expert would not.
-    per_expert = list(
-        zip(*[ops.unstack(ops.convert_to_tensor(p), axis=0) for p in experts])
+    per_expert = zip(
+        groups,
+        *[ops.unstack(ops.convert_to_tensor(p), axis=0) for p in experts],
     )
-    outputs, owners = [], []
-    for expert_id, params in enumerate(per_expert):
-        (pair_ids,) = ops.nonzero(ops.equal(pair_experts, expert_id))
-        token_ids = ops.take(pair_tokens, pair_ids, axis=0)
-        y = expert_fn(ops.take(tokens, token_ids, axis=0), *params)
-        weight = ops.take(pair_weights, pair_ids, axis=0)
-        outputs.append(y * ops.cast(weight, y.dtype)[:, None])
-        owners.append(token_ids)
+    y = ops.concatenate([expert_fn(*args) for args in per_expert], axis=0)
+    num_routed = ops.shape(y)[0]
+    weights = ops.take(pair_weights, order[:num_routed], axis=0)
     return ops.segment_sum(
-        ops.concatenate(outputs, axis=0),
-        ops.concatenate(owners, axis=0),
+        y * ops.cast(weights, y.dtype)[:, None],
+        sorted_tokens[:num_routed],
         num_segments=num_tokens,
     )
+
+
+def _split_rows(x, sizes, num):
+    # `x` cut into `num` consecutive groups of `sizes` rows. `keras.ops.split`
+    # needs a static row count, which a TensorFlow graph may not have.
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.split(x, sizes, num=num, axis=0)
+    return ops.split(x, ops.cumsum(sizes)[:-1], axis=0)
 
 
 def capacity_dispatch(
@@ -270,3 +295,54 @@ def soft_dispatch(tokens, expert_weights, experts, expert_fn):
     y = expert_fn(tokens[None], *experts)  # (E, tokens, d_out)
     weights = ops.cast(ops.transpose(expert_weights), y.dtype)  # (E, tokens)
     return ops.sum(y * weights[:, :, None], axis=0)
+
+
+def expert_choice_dispatch(
+    tokens, token_indices, weights, picked, experts, expert_fn
+):
+    """Expert-choice dispatch: each expert runs on the tokens it picked.
+
+    The picks are already a static `(experts, capacity)` layout (from
+    `moe.routing.expert_choice_routing`), so this is the capacity buffer
+    without the drop rule: gather, one 2-D matmul chain per expert, weight,
+    scatter-add back. A pick with `picked=False` (only possible on a masked
+    token) reads a zero row and is added to a discarded row.
+
+    Args:
+        tokens: `(tokens, d)`.
+        token_indices: int32 `(experts, capacity)`, the token of each pick.
+        weights: `(experts, capacity)` combine weights.
+        picked: bool `(experts, capacity)`.
+        experts: the stacked expert parameters, experts axis first.
+        expert_fn: `expert_fn(x, *params) -> y` for one expert's params.
+
+    Returns:
+        `(tokens, d_out)`: for each token, the weighted sum of the outputs
+        of the experts that picked it (zeros if none did).
+    """
+    num_tokens = ops.shape(tokens)[0]
+    # (E, C): a pick that is not real reads and writes row `num_tokens`.
+    rows = ops.where(picked, token_indices, num_tokens)
+    x = ops.take(_pad_row(tokens), rows, axis=0)  # (E, C, d)
+    per_expert = zip(
+        ops.unstack(x, axis=0),
+        *[ops.unstack(ops.convert_to_tensor(p), axis=0) for p in experts],
+    )
+    y = ops.stack([expert_fn(*args) for args in per_expert])  # (E, C, d_out)
+    y = y * ops.cast(weights, y.dtype)[:, :, None]
+    out = ops.segment_sum(
+        ops.reshape(y, (-1, ops.shape(y)[-1])),
+        ops.reshape(rows, (-1,)),
+        num_segments=num_tokens + 1,
+    )
+    return out[:num_tokens]
+
+
+def dense_experts(tokens, experts, expert_fn):
+    """Sum of every expert's output on every token, unweighted.
+
+    The always-on shared experts (DeepSeek-MoE): `(tokens, d)` ->
+    `(tokens, d_out)`.
+    """
+    y = expert_fn(tokens[None], *experts)  # (S, tokens, d_out)
+    return ops.sum(y, axis=0)

@@ -41,6 +41,21 @@ def expert_load(
     return _masked_mean(chosen, token_mask) / ops.cast(k, "float32")
 
 
+def expert_choice_load(picked):
+    """Expert choice: the fraction of the real picks made by each expert.
+
+    Args:
+        picked: bool `(num_experts, capacity)` from
+            `moe.routing.expert_choice_routing`.
+
+    Returns:
+        float32 tensor `(num_experts,)`; `1 / num_experts` each unless
+        masked tokens left some picks empty.
+    """
+    picks = ops.sum(ops.cast(picked, "float32"), axis=1)
+    return picks / ops.maximum(ops.sum(picks), 1.0)
+
+
 def load_balancing_loss(router_probs, load, token_mask=None):
     """Switch Transformer auxiliary loss: `E * sum_e f_e * P_e`.
 

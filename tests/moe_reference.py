@@ -11,20 +11,28 @@ from keras import ops
 
 
 def layer_params(layer):
-    """The layer's weights as NumPy arrays, by name."""
-    names = ["router_kernel"]
-    values = [layer.gating_network.router_kernel]
-    for name in (
-        "expert_in_kernel",
-        "expert_in_bias",
-        "expert_gate_kernel",
-        "expert_gate_bias",
-        "expert_out_kernel",
-        "expert_out_bias",
-    ):
-        if hasattr(layer, name):
-            names.append(name)
-            values.append(getattr(layer, name))
+    """The layer's weights as NumPy arrays, by name (`router_kernel`,
+    `group_router_kernel`, `expert_*`, `shared_expert_*`)."""
+    names, values = [], []
+    if getattr(layer, "gating_network", None) is not None:
+        names.append("router_kernel")
+        values.append(layer.gating_network.router_kernel)
+    if hasattr(layer, "group_gating_network"):
+        names.append("group_router_kernel")
+        values.append(layer.group_gating_network.router_kernel)
+    for prefix in ("expert", "shared_expert"):
+        for part in (
+            "in_kernel",
+            "in_bias",
+            "gate_kernel",
+            "gate_bias",
+            "out_kernel",
+            "out_bias",
+        ):
+            name = f"{prefix}_{part}"
+            if hasattr(layer, name):
+                names.append(name)
+                values.append(getattr(layer, name))
     return {n: ops.convert_to_numpy(v) for n, v in zip(names, values)}
 
 
@@ -36,22 +44,24 @@ def _activation(name):
     }[name]
 
 
-def expert_output(params, e, x, activation="relu", gated=False):
-    """Expert `e` applied to one input vector `x`."""
+def expert_output(
+    params, e, x, activation="relu", gated=False, prefix="expert"
+):
+    """Expert `e` (of the `prefix` stack) applied to one input vector `x`."""
     act = _activation(activation)
-    h = x @ params["expert_in_kernel"][e]
-    if "expert_in_bias" in params:
-        h = h + params["expert_in_bias"][e]
+    h = x @ params[f"{prefix}_in_kernel"][e]
+    if f"{prefix}_in_bias" in params:
+        h = h + params[f"{prefix}_in_bias"][e]
     if gated:
-        g = x @ params["expert_gate_kernel"][e]
-        if "expert_gate_bias" in params:
-            g = g + params["expert_gate_bias"][e]
+        g = x @ params[f"{prefix}_gate_kernel"][e]
+        if f"{prefix}_gate_bias" in params:
+            g = g + params[f"{prefix}_gate_bias"][e]
         h = act(g) * h
     else:
         h = act(h)
-    y = h @ params["expert_out_kernel"][e]
-    if "expert_out_bias" in params:
-        y = y + params["expert_out_bias"][e]
+    y = h @ params[f"{prefix}_out_kernel"][e]
+    if f"{prefix}_out_bias" in params:
+        y = y + params[f"{prefix}_out_bias"][e]
     return y
 
 
@@ -61,8 +71,44 @@ def softmax(logits):
     return p / p.sum(axis=-1, keepdims=True)
 
 
-def route(params, tokens, routing, k):
-    """Per-token choices: list of [(expert, weight), ...], best first."""
+def hash_expert(key, num_experts):
+    """The expert of one integer key, from the formula in `hash_routing`'s
+    docstring, in Python integers (which never overflow)."""
+    p = 46337
+    q, r = divmod(int(key), p)
+    h = (28411 * r + 17389 * (q % p) + 9241) % p
+    h = (h * h + 31607) % p
+    return h % num_experts
+
+
+def route(
+    params, tokens, routing, k, routing_keys=None, num_groups=None, group_k=1
+):
+    """Per-token choices: list of [(expert, weight), ...], best first.
+
+    `hierarchical`: `group_k` groups by the group router's probability,
+    then `k` experts within each by the softmax within the group; weight
+    `p(group) * p(expert | group)`, group-major. `hash`: one expert per key,
+    weight 1.
+    """
+    if routing == "hash":
+        return [[(hash_expert(key, k), 1.0)] for key in routing_keys], None
+    if routing == "hierarchical":
+        x = tokens.astype(np.float64)
+        group_probs = softmax(x @ params["group_router_kernel"])
+        logits = x @ params["router_kernel"]
+        size = logits.shape[-1] // num_groups
+        choices = []
+        for t in range(len(tokens)):
+            pairs = []
+            for g in np.argsort(-group_probs[t], kind="stable")[:group_k]:
+                within = softmax(logits[t, g * size : (g + 1) * size])
+                for m in np.argsort(-within, kind="stable")[:k]:
+                    pairs.append(
+                        (int(g * size + m), group_probs[t, g] * within[m])
+                    )
+            choices.append(pairs)
+        return choices, group_probs
     probs = softmax(tokens.astype(np.float64) @ params["router_kernel"])
     num_experts = probs.shape[-1]
     choices = []
@@ -87,21 +133,35 @@ def moe_forward(
     mask=None,
     activation="relu",
     gated=False,
+    routing_keys=None,
+    num_groups=None,
+    group_k=1,
 ):
     """Reference MoE layer output and per-pair kept flags.
 
     Capacity rule: pairs are served first choices first, then second
     choices; within a choice level, in input order; an expert takes at most
     `ceil(capacity_factor * tokens * k / experts)` pairs (clipped to
-    [1, tokens]).
+    [1, tokens]). For `hierarchical`, `k` is the experts per group and a
+    token has `group_k * k` choices; for `hash`, `k` is the number of
+    experts. Shared experts in `params` are added to every unmasked output.
     """
     d = inputs.shape[-1]
     tokens = inputs.reshape(-1, d)
     token_mask = (
         np.ones(len(tokens), bool) if mask is None else mask.reshape(-1)
     )
-    num_experts = params["router_kernel"].shape[-1]
-    choices, _ = route(params, tokens, routing, k)
+    num_experts = params["expert_in_kernel"].shape[0]
+    if routing_keys is not None:
+        routing_keys = np.asarray(routing_keys).reshape(-1)
+    choices, _ = route(
+        params, tokens, routing, num_experts if routing == "hash" else k,
+        routing_keys, num_groups, group_k,
+    )  # fmt: skip
+    if routing == "hash":
+        k = 1
+    elif routing == "hierarchical":
+        k = group_k * k
     num_tokens = len(tokens)
     kept = np.zeros((num_tokens, len(choices[0])), bool)
     if capacity_factor is None or routing == "soft":
@@ -125,4 +185,54 @@ def moe_forward(
             if kept[t, slot]:
                 y = expert_output(params, e, tokens[t], activation, gated)
                 outputs[t] += w * y
+    _add_shared(params, tokens, token_mask, outputs, activation, gated)
     return outputs.reshape(inputs.shape[:-1] + (out_dim,)), kept
+
+
+def _add_shared(params, tokens, token_mask, outputs, activation, gated):
+    # Every shared expert, weight 1, on every unmasked token.
+    if "shared_expert_in_kernel" not in params:
+        return
+    for t in np.flatnonzero(token_mask):
+        for s in range(len(params["shared_expert_in_kernel"])):
+            outputs[t] += expert_output(
+                params, s, tokens[t], activation, gated, "shared_expert"
+            )
+
+
+def expert_choice_forward(
+    params,
+    inputs,
+    capacity_factor=2.0,
+    mask=None,
+    activation="relu",
+    gated=False,
+):
+    """Reference expert-choice output and the `(tokens, experts)` picks.
+
+    Each expert, in turn, takes the `ceil(capacity_factor * tokens /
+    experts)` (clipped to [1, tokens]) unmasked tokens it gives the highest
+    router probability; a picked token gets that probability times the
+    expert's output.
+    """
+    d = inputs.shape[-1]
+    tokens = inputs.reshape(-1, d)
+    num_tokens = len(tokens)
+    token_mask = np.ones(num_tokens, bool) if mask is None else mask.reshape(-1)
+    probs = softmax(tokens.astype(np.float64) @ params["router_kernel"])
+    num_experts = probs.shape[-1]
+    capacity = math.ceil(capacity_factor * num_tokens / num_experts)
+    capacity = max(1, min(num_tokens, capacity))
+    picked = np.zeros((num_tokens, num_experts), bool)
+    for e in range(num_experts):
+        candidates = [t for t in range(num_tokens) if token_mask[t]]
+        candidates.sort(key=lambda t: -probs[t, e])
+        picked[candidates[:capacity], e] = True
+    out_dim = params["expert_out_kernel"].shape[-1]
+    outputs = np.zeros((num_tokens, out_dim))
+    for t in range(num_tokens):
+        for e in np.flatnonzero(picked[t]):
+            y = expert_output(params, e, tokens[t], activation, gated)
+            outputs[t] += probs[t, e] * y
+    _add_shared(params, tokens, token_mask, outputs, activation, gated)
+    return outputs.reshape(inputs.shape[:-1] + (out_dim,)), picked

@@ -14,7 +14,12 @@ from pathlib import Path
 import keras
 import pytest
 
-LAYER_TESTS = ["test_moe_layer.py", "test_gating_network.py"]
+LAYER_TESTS = [
+    "test_moe_layer.py",
+    "test_gating_network.py",
+    "test_routings.py",
+    "test_transformer.py",
+]
 OTHER_BACKENDS = [
     b for b in ("tensorflow", "jax", "torch") if b != keras.backend.backend()
 ]

@@ -29,8 +29,9 @@ def test_train_then_serve_end_to_end(lm_trained, lm_corpus_file):
     assert "Epoch 2/2" in result.stdout  # Keras's progress output
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["model.keras", "tokenizer.json", "max_seq_len.txt", "training.json"]
-    )
+        ["model.keras", "tokenizer.json", "max_seq_len.txt", "training.json",
+         "training.png", "experts.png"]
+    )  # fmt: skip
     assert (out / "max_seq_len.txt").read_text().strip() == "3"
     training = json.loads((out / "training.json").read_text())
     assert training["config"]["corpus"] == [str(lm_corpus_file)]
@@ -147,6 +148,18 @@ def _bad_inputs(tmp, bundle_dir):
             ["model.py", *out, "--num-experts", "2", "--top-k", "3"],
             "--top-k must be between 1 and --num-experts (2)",
         ),
+        "hierarchical_no_groups": (
+            ["model.py", *out, "--routing", "hierarchical"],
+            "--num-groups must be set",
+        ),
+        "groups_not_dividing": (
+            ["model.py", *out, "--routing", "hierarchical", "--num-groups=3"],
+            "divide --num-experts (4)",
+        ),
+        "expert_choice_top_k": (
+            ["model.py", *out, "--routing", "expert_choice", "--top-k", "2"],
+            "leave `top_k` unset",
+        ),
         "zero_epochs": (["model.py", *out, "--epochs", "0"], "--epochs"),
         "bad_split": (
             ["model.py", *out, "--validation-split", "1"],
@@ -187,7 +200,8 @@ def _bad_inputs(tmp, bundle_dir):
 
 ALL_BAD_INPUTS = [
     "missing_corpus", "empty_corpus", "one_word", "no_words", "binary",
-    "not_utf8", "zero_experts", "top_k_gt_experts", "zero_epochs",
+    "not_utf8", "zero_experts", "top_k_gt_experts", "hierarchical_no_groups",
+    "groups_not_dividing", "expert_choice_top_k", "zero_epochs",
     "bad_split", "zero_batch", "no_model", "partial_model", "corrupt_model",
     "corrupt_tokenizer", "mismatched_bundle", "empty_query", "no_word_query",
     "eval_missing_file",

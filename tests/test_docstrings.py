@@ -7,9 +7,12 @@ import pytest
 
 import moe.gating_network
 import moe.moe_layer
+import moe.transformer
 
 
-@pytest.mark.parametrize("module", [moe.gating_network, moe.moe_layer])
+@pytest.mark.parametrize(
+    "module", [moe.gating_network, moe.moe_layer, moe.transformer]
+)
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0

@@ -56,7 +56,7 @@ def to_numpy(x):
         (dict(output_dim=-1), "Received: output_dim=-1"),
         (dict(capacity_factor=0), "Received: capacity_factor=0"),
         (dict(capacity_factor=-1.5), "Received: capacity_factor=-1.5"),
-        (dict(routing="expert_choice"), "Received: routing='expert_choice'"),
+        (dict(routing="expert-choice"), "Received: routing='expert-choice'"),
         (dict(routing="switch", top_k=2), "Received: top_k=2"),
         (dict(routing="soft", top_k=2), "Received: top_k=2"),
         (dict(aux_loss_weight=-0.1), "Received: aux_loss_weight=-0.1"),

@@ -3,6 +3,10 @@
 `pooled`: Embedding(mask_zero) -> GlobalAveragePooling1D -> MoELayer ->
 Dense softmax over the vocabulary. The mask keeps left padding out of the
 average; the MoE layer routes each pooled context to its experts.
+
+`transformer`: token + position embeddings -> N `moe.MoETransformerBlock`s
+(causal self-attention, MoE feed-forward routed per position) -> layer norm
+-> the last position -> Dense softmax.
 """
 
 import keras
@@ -23,8 +27,14 @@ def build_model(
     capacity_factor: float | None = None,
     aux_loss_weight: float = 0.01,
     seed: int | None = None,
+    num_groups: int | None = None,
+    num_shared_experts: int = 0,
 ) -> keras.Model:
     """Builds the (uncompiled) pooled next-word model.
+
+    With `routing="hash"` the MoE layer routes each context by the id of its
+    last word (contexts are left-padded, so the last slot is the most recent
+    word), computed inside the model: serving needs nothing extra.
 
     Returns:
         A model mapping int32 contexts `(batch, max_seq_len)` to next-word
@@ -35,6 +45,9 @@ def build_model(
         vocab_size, embed_dim, mask_zero=True, name="embedding"
     )(inputs)
     x = keras.layers.GlobalAveragePooling1D(name="pool")(x)
+    routing_args = {}
+    if routing == "hash":
+        routing_args["routing_key"] = inputs[:, -1]  # (batch,) last word
     x = moe.MoELayer(
         num_experts=num_experts,
         hidden_dim=hidden_dim,
@@ -43,16 +56,104 @@ def build_model(
         capacity_factor=capacity_factor,
         aux_loss_weight=aux_loss_weight,
         seed=seed,
+        num_groups=num_groups,
+        num_shared_experts=num_shared_experts,
         name="moe",
-    )(x)
+    )(x, **routing_args)
     outputs = keras.layers.Dense(
         vocab_size, activation="softmax", name="next_word"
     )(x)
     return keras.Model(inputs, outputs, name="pooled_moe_lm")
 
 
-def compile_model(model: keras.Model, learning_rate: float) -> None:
+def build_transformer_model(
+    vocab_size: int,
+    max_seq_len: int,
+    embed_dim: int,
+    num_layers: int,
+    num_heads: int,
+    num_experts: int,
+    hidden_dim: int,
+    top_k: int | None = None,
+    routing: str = "top_k",
+    dropout: float = 0.0,
+    seed: int | None = None,
+    **moe_kwargs,
+) -> keras.Model:
+    """Builds the (uncompiled) causal MoE Transformer next-word model.
+
+    Token + learned position embeddings, `num_layers`
+    `moe.MoETransformerBlock`s (pre-norm causal self-attention, an MoE
+    layer with `num_experts` experts of width `hidden_dim` as the
+    feed-forward network), a final layer norm, and a softmax over the
+    vocabulary from the representation at the last position: contexts are
+    left-padded, so the last slot is always the most recent word, and causal
+    attention lets it see the whole context. Padding (id 0) is masked out
+    of attention and not routed. With `routing="hash"` each position is
+    routed by its token id.
+
+    Args:
+        moe_kwargs: further `moe.MoELayer` arguments (`capacity_factor`,
+            `aux_loss_weight`, ...), the same for every block.
+
+    Returns:
+        A model mapping int32 contexts `(batch, max_seq_len)` to next-word
+        probabilities `(batch, vocab_size)`, like `build_model`'s.
+    """
+    inputs = keras.Input((max_seq_len,), dtype="int32", name="context")
+    padding_mask = ops.not_equal(inputs, 0)  # (batch, max_seq_len)
+    positions = ops.cumsum(ops.ones_like(inputs), axis=1) - 1  # 0, 1, ...
+    token_embedding = keras.layers.Embedding(
+        vocab_size, embed_dim, name="token_embedding"
+    )
+    position_embedding = keras.layers.Embedding(
+        max_seq_len, embed_dim, name="position_embedding"
+    )
+    x = token_embedding(inputs) + position_embedding(positions)
+    x = keras.layers.Dropout(dropout, name="embedding_dropout")(x)
+    routing_args = {"routing_key": inputs} if routing == "hash" else {}
+    for i in range(num_layers):
+        x = moe.MoETransformerBlock(
+            num_heads=num_heads,
+            intermediate_dim=hidden_dim,
+            num_experts=num_experts,
+            top_k=top_k,
+            routing=routing,
+            dropout=dropout,
+            moe_kwargs=dict(
+                moe_kwargs, seed=None if seed is None else seed + i
+            ),
+            name=f"block_{i}",
+        )(x, padding_mask=padding_mask, **routing_args)
+    x = keras.layers.LayerNormalization(epsilon=1e-5, name="final_norm")(x)
+    x = x[:, -1, :]  # (batch, embed_dim): the most recent word
+    outputs = keras.layers.Dense(
+        vocab_size, activation="softmax", name="next_word"
+    )(x)
+    return keras.Model(inputs, outputs, name="transformer_moe_lm")
+
+
+def compile_model(
+    model: keras.Model,
+    learning_rate: float,
+    steps_per_execution: int = 1,
+    jit_compile: bool | str = "auto",
+) -> None:
+    """Adam, sparse cross-entropy and the next-word metrics.
+
+    Args:
+        model: the model to compile.
+        learning_rate: Adam's learning rate.
+        steps_per_execution: training steps per compiled call: > 1 saves
+            the per-step Python round trip of `fit`, which dominates a
+            small model's step (`bench/training_throughput.py`).
+        jit_compile: XLA-compile the train step (`keras.Model.compile`).
+            `"auto"` (Keras's rule) leaves XLA off on CPU-only TensorFlow
+            and under `tf.distribute`.
+    """
     model.compile(
+        steps_per_execution=steps_per_execution,
+        jit_compile=jit_compile,
         optimizer=keras.optimizers.Adam(learning_rate),
         loss="sparse_categorical_crossentropy",
         metrics=[
@@ -71,28 +172,36 @@ def real_word_top_k_hits(y_true, y_pred, k=1):
     """1.0 where the target is among the `k` most probable real words.
 
     Padding and out-of-vocabulary never count as predictions (as in
-    serving), and an out-of-vocabulary target is always a miss.
+    serving), and an out-of-vocabulary target is always a miss. Ties count
+    as hits, as in `keras.ops.in_top_k`: the target is a hit when fewer
+    than `k` real words score strictly higher (one comparison per word,
+    cheaper than a top-k).
     """
     y_true = ops.cast(ops.reshape(y_true, (-1,)), "int32")
-    num_classes = ops.shape(y_pred)[-1]
-    reserved = ops.arange(num_classes) < NUM_RESERVED  # (vocab,)
-    # Probabilities are >= 0, so -1 ranks pad/OOV below every real word.
-    scores = ops.where(reserved[None, :], -1.0, y_pred)
-    hits = ops.logical_and(
-        ops.in_top_k(y_true, scores, k), y_true >= NUM_RESERVED
-    )
+    target_scores = ops.take_along_axis(y_pred, y_true[:, None], axis=-1)
+    higher = ops.greater(y_pred[:, NUM_RESERVED:], target_scores)
+    rank = ops.sum(ops.cast(higher, "int32"), axis=-1)  # among real words
+    hits = ops.logical_and(rank < k, y_true >= NUM_RESERVED)
     return ops.cast(hits, "float32")
 
 
 class Perplexity(keras.metrics.Mean):
-    """exp(mean cross-entropy of the next word), from probabilities."""
+    """exp(mean cross-entropy of the next word), from probabilities.
+
+    The cross-entropy is `-log p(target)` (clipped to Keras's epsilon, as
+    `keras.losses.sparse_categorical_crossentropy` clips): one gathered
+    probability per pair rather than a second full cross-entropy.
+    """
 
     def __init__(self, name="perplexity", **kwargs):
         super().__init__(name=name, **kwargs)
 
     def update_state(self, y_true, y_pred, sample_weight=None):
-        losses = keras.losses.sparse_categorical_crossentropy(y_true, y_pred)
-        super().update_state(losses, sample_weight=sample_weight)
+        y_true = ops.cast(ops.reshape(y_true, (-1,)), "int32")
+        target_probs = ops.take_along_axis(y_pred, y_true[:, None], axis=-1)
+        epsilon = keras.config.epsilon()
+        target_probs = ops.clip(target_probs[:, 0], epsilon, 1.0 - epsilon)
+        super().update_state(-ops.log(target_probs), sample_weight)
 
     def result(self):
         return ops.exp(super().result())

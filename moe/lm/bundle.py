@@ -5,7 +5,9 @@ A bundle is a directory holding
 - `model.keras`: the Keras v3 model,
 - `tokenizer.json`: the versioned tokenizer (`Tokenizer.to_json`),
 - `max_seq_len.txt`: the context window, one integer,
-- `training.json`: settings, metrics, library versions, trained-at time.
+- `training.json`: settings, metrics, library versions, trained-at time,
+- optionally the pictures `training.png` (loss and accuracy curves) and
+  `experts.png` (per-expert load over training), for people.
 
 `save_bundle` writes into a fresh temporary directory beside the target and
 swaps it in only once complete, so an interrupted or failing run leaves the
@@ -26,8 +28,11 @@ MODEL_FILE = "model.keras"
 TOKENIZER_FILE = "tokenizer.json"
 MAX_SEQ_LEN_FILE = "max_seq_len.txt"
 TRAINING_FILE = "training.json"
-# What serving needs; training.json is a record for people.
+TRAINING_FIGURE = "training.png"
+EXPERTS_FIGURE = "experts.png"
+# What serving needs; training.json and the pictures are for people.
 REQUIRED_FILES = (MODEL_FILE, TOKENIZER_FILE, MAX_SEQ_LEN_FILE)
+OPTIONAL_FILES = (TRAINING_FILE, TRAINING_FIGURE, EXPERTS_FIGURE)
 
 
 class BundleError(ValueError):
@@ -48,13 +53,25 @@ def save_bundle(
     tokenizer: Tokenizer,
     max_seq_len: int,
     training: dict,
+    figures: dict[str, bytes] | None = None,
 ) -> Path:
     """Writes the bundle to `directory` atomically; returns its path.
 
     Files go to `.<name>.tmp-*` beside `directory`; when all are written, the
     old bundle is renamed aside (`.<name>.old-*`), the new one renamed in and
     the old one deleted. Leftovers of killed runs are cleaned up.
+
+    Args:
+        figures: optional `{file name: PNG bytes}`, names among
+            `TRAINING_FIGURE` and `EXPERTS_FIGURE`.
     """
+    figures = figures or {}
+    unknown = set(figures) - {TRAINING_FIGURE, EXPERTS_FIGURE}
+    if unknown:
+        raise ValueError(
+            f"`figures` may hold {TRAINING_FIGURE} and {EXPERTS_FIGURE}. "
+            f"Received: {sorted(unknown)}"
+        )
     target = Path(directory).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(target)
@@ -71,6 +88,8 @@ def save_bundle(
             json.dumps(training, indent=1, default=str) + "\n",
             encoding="utf-8",
         )
+        for name, png in figures.items():
+            (staging / name).write_bytes(png)
         _swap_in(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -49,17 +49,30 @@ class NextWordPredictor:
         return cls(bundle.model, bundle.tokenizer, bundle.max_seq_len)
 
     def _compile(self):
-        """`(tokens, ends, begins) -> probabilities`, compiled per shape."""
+        """`(tokens, ends, begins) -> probabilities`, compiled once."""
         model, max_seq_len = self.model, self.max_seq_len
         if keras.backend.backend() == "tensorflow":
             import tensorflow as tf
 
-            @tf.function(jit_compile=False, autograph=False)
+            # One concrete function for every batch size: calling it skips
+            # tf.function's per-call signature matching (a quarter of the
+            # CPU time of a one-query call; bench/serving_latency.py).
+            spec = tf.TensorSpec([None], tf.int32)
+
+            @tf.function(
+                input_signature=[spec] * 3, jit_compile=False, autograph=False
+            )
             def predict(tokens, ends, begins):
                 inputs = contexts(tokens, ends, begins, max_seq_len)
                 return model(inputs, training=False)
 
-            return lambda *args: predict(*args).numpy()
+            concrete = predict.get_concrete_function()
+
+            def run(*args):
+                args = [np.asarray(a, np.int32) for a in args]
+                return concrete(*args).numpy()
+
+            return run
 
         # Other backends: contexts on the host, then Keras's compiled
         # (jitted on JAX) predict step.
@@ -98,6 +111,10 @@ class NextWordPredictor:
 
     def _probabilities(self, queries: list[list[int]]) -> np.ndarray:
         """Lays the queries end to end as one stream and runs the model."""
+        return self._predict(*self._stream(queries))[: len(queries)]
+
+    def _stream(self, queries: list[list[int]]):
+        """`(tokens, ends, begins)` of queries padded to a bucket."""
         n = len(queries)
         batch = next(b for b in BUCKETS if b >= n)
         width = self.max_seq_len
@@ -108,7 +125,7 @@ class NextWordPredictor:
         for row, ids in enumerate(queries):
             tokens[begins[row] : begins[row] + len(ids)] = ids
             ends[row] = begins[row] + len(ids)
-        return self._predict(tokens, ends, begins)[:n]
+        return tokens, ends, begins
 
     def predict_next(self, text: str | list[str]) -> str | list[str]:
         """The most probable next word of `text` (or of each text)."""
@@ -126,6 +143,97 @@ class NextWordPredictor:
         order = np.argsort(-probs, kind="stable")[:n]
         words = self.tokenizer.decode((order + NUM_RESERVED).tolist())
         return [(w, float(probs[i])) for w, i in zip(words, order, strict=True)]
+
+    def explain(self, texts: list[str], top: int = 1) -> list[dict]:
+        """Next word, likeliest words and routing of each text, in one call.
+
+        The probabilities and the routing come from the same batched model
+        call (`moe.lm.explain.ExplainedModel`).
+
+        Args:
+            texts: the queries.
+            top: how many likeliest words to list, >= 1.
+
+        Returns:
+            One dict per text: `"word"` (the most probable next word),
+            `"top"` (`[[word, probability], ...]`, most probable first) and,
+            for a model with one routed layer, `"experts"`
+            (`[[expert, gate weight], ...]`, heaviest first; dropped pairs
+            left out) or, with several, `"experts_by_layer"`
+            (`{layer name: [[expert, weight], ...]}`, input side first).
+
+        Raises:
+            ValueError: a text has no words, or `top` < 1.
+        """
+        from moe.lm.explain import experts_by_row
+
+        if top < 1:
+            raise ValueError(f"`top` must be at least 1. Received: top={top}")
+        queries = [self.encode(t)[-self.max_seq_len :] for t in texts]
+        explained, names = self._explained()
+        results, size = [], BUCKETS[-1]
+        for start in range(0, len(queries), size):
+            chunk = queries[start : start + size]
+            probs, routes = explained(*self._stream(chunk))
+            probs = probs[: len(chunk), NUM_RESERVED:]
+            for row in range(len(chunk)):
+                order = np.argsort(-probs[row], kind="stable")[:top]
+                words = self.tokenizer.decode((order + NUM_RESERVED).tolist())
+                result = {
+                    "word": words[0],
+                    "top": [
+                        [w, float(probs[row, i])]
+                        for w, i in zip(words, order, strict=True)
+                    ],
+                }
+                experts = [experts_by_row(route, row) for route in routes]
+                if len(experts) == 1:
+                    result["experts"] = experts[0]
+                else:
+                    result["experts_by_layer"] = dict(zip(names, experts))
+                results.append(result)
+        return results
+
+    def _explained(self):
+        """`(tokens, ends, begins) -> (probabilities, routes)` (NumPy), names.
+
+        Built on first use and kept: `ExplainedModel` compiled as `_compile`
+        compiles the plain prediction.
+        """
+        if getattr(self, "_explained_fn", None) is not None:
+            return self._explained_fn
+        from moe.lm.explain import ExplainedModel
+
+        model, max_seq_len = ExplainedModel(self.model), self.max_seq_len
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            spec = tf.TensorSpec([None], tf.int32)
+
+            @tf.function(
+                input_signature=[spec] * 3, jit_compile=False, autograph=False
+            )
+            def run(tokens, ends, begins):
+                return model(contexts(tokens, ends, begins, max_seq_len))
+
+            concrete = run.get_concrete_function()  # as in `_compile`
+
+            def explained(*args):
+                args = [np.asarray(a, np.int32) for a in args]
+                return tf.nest.map_structure(
+                    lambda t: t.numpy(), concrete(*args)
+                )
+        else:
+
+            def explained(tokens, ends, begins):
+                inputs = contexts(tokens, ends, begins, max_seq_len).numpy()
+                outputs = model.predict_on_batch(inputs)
+                return keras.tree.map_structure(
+                    keras.ops.convert_to_numpy, outputs
+                )
+
+        self._explained_fn = explained, model.layer_names
+        return self._explained_fn
 
     def generate(
         self,

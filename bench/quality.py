@@ -1,0 +1,314 @@
+"""Held-out next-word accuracy at equal training time (issue #4).
+
+Contenders, all on the same tokenizer and the same split (the held-out tail
+is the last `--validation-split` of the corpus, as in `model.py`):
+- `bigram`: counts of (previous word of the sentence, next word) on the
+  training part; predicts the most frequent follower among real words
+  (unigram counts where the previous word was never seen). NumPy, no
+  training time.
+- `pooled`: `model.py` defaults (the card's pooled trunk, context 1).
+- `moe_transformer`: `model.py --architecture transformer` defaults.
+- `dense_transformer`: the same Transformer with a dense feed-forward layer
+  of the same *active* parameters: one expert of width top_k x hidden_dim,
+  `--routing soft` (one expert, weight 1: exactly a dense FFN).
+
+Each neural model is trained by `model.train` (same data pipeline, Adam,
+early stopping on validation loss with the best weights restored) with a
+budget of `--seconds` of training time: a callback stops training when the
+time spent in training steps passes the budget (validation passes and the
+first step, which traces the graph, are not counted). Every model trains
+with `--seed`, so a rerun differs only by how many steps fit in the time.
+
+Usage:
+    python bench/quality.py                   # ~11 min on 2 CPU cores
+    python bench/quality.py --quick           # 15 s per model, ~2 min
+    python bench/quality.py --seconds 120 --json /tmp/quality.json
+    python bench/quality.py --transformer-flags="--num-layers 3"
+"""
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import model as model_cli  # noqa: E402  (the repository's model.py)
+from moe.lm.data import contexts  # noqa: E402
+from moe.lm.tokenizer import NUM_RESERVED  # noqa: E402
+
+DEFAULT_CORPUS = REPO_ROOT.parent / "shared" / "corpora" / "alice.txt"
+# The dense control's one-expert router: its softmax over one logit is 1 on
+# purpose.
+warnings.filterwarnings("ignore", message="You are using a softmax over axis")
+
+
+class TrainingTimeBudget(keras.callbacks.Callback):
+    """Stops `fit` once the time spent in training steps passes `seconds`.
+
+    The clock runs from the end of the first training step (which traces
+    and compiles the step) and pauses during validation.
+    """
+
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds = seconds
+        self.spent = 0.0
+        self.steps = 0
+        self._since = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
+        self.steps += 1
+        if self._since is not None:
+            self.spent += now - self._since
+        self._since = now
+        if self.spent >= self.seconds:
+            self.model.stop_training = True
+
+    def on_test_begin(self, logs=None):
+        self._since = None  # validation is not training time
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch > 0:
+            self._since = time.perf_counter()
+
+
+def bigram_baseline(tokens, starts, train_pos, val_pos, vocab_size) -> dict:
+    """Top-1 / top-5 held-out accuracy of the bigram count model.
+
+    The previous word is the context of `--max-seq-len 1` (padding at the
+    start of a sentence, so "sentence start" is a context of its own).
+    Ties are broken towards the more frequent word (lower id).
+    """
+    starts = np.asarray(starts)
+
+    def previous(positions):
+        return np.asarray(contexts(tokens, positions, starts[positions], 1))[
+            :, 0
+        ]
+
+    targets = np.asarray(tokens)[train_pos]
+    counts = np.zeros((vocab_size, vocab_size), np.float64)
+    np.add.at(counts, (previous(train_pos), targets), 1.0)
+    unigram = np.bincount(targets, minlength=vocab_size).astype(np.float64)
+    # Counts are integers, so a unigram share < 1 only breaks their ties;
+    # an unseen previous word falls back to the unigram order.
+    scores = counts[previous(val_pos)] + unigram / (unigram.sum() + 1.0)
+    scores[:, :NUM_RESERVED] = -1.0  # never predict padding / OOV
+    ranking = np.argsort(-scores, axis=1, kind="stable")[:, :5]
+    val_targets = np.asarray(tokens)[val_pos]
+    real = val_targets >= NUM_RESERVED  # an OOV target is always a miss
+    hits = (ranking == val_targets[:, None]) & real[:, None]
+    return {
+        "accuracy": float(hits[:, 0].mean()),
+        "top5_accuracy": float(hits.any(axis=1).mean()),
+    }
+
+
+def contender_flags(transformer_flags: list[str]) -> dict[str, list[str]]:
+    """`model.py` flags of each neural contender."""
+    moe_flags = ["--architecture", "transformer", *transformer_flags]
+    moe_config = model_cli.parse_args(moe_flags)
+    top_k = moe_config.top_k or 2
+    dense_flags = moe_flags + [
+        "--num-experts", "1", "--top-k", "1", "--routing", "soft",
+        "--hidden-dim", str(top_k * moe_config.hidden_dim),
+        "--aux-loss-weight", "0",
+    ]  # fmt: skip
+    if moe_config.routing not in ("top_k",):
+        raise SystemExit(
+            "quality.py: error: the dense control matches top_k routing; "
+            f"got --routing {moe_config.routing}"
+        )
+    return {
+        "pooled": [],
+        "moe_transformer": moe_flags,
+        "dense_transformer": dense_flags,
+    }
+
+
+def parameter_counts(model) -> dict:
+    """Total parameters, and those one position uses (active)."""
+    import moe
+
+    total = model.count_params()
+    inactive = 0
+    for layer in model.layers:
+        moe_layer = getattr(layer, "moe", layer)  # a block's MoE layer
+        if isinstance(moe_layer, moe.MoELayer) and moe_layer.routing != "soft":
+            per_expert = sum(
+                int(np.prod(w.shape[1:])) for w in moe_layer.expert_weights
+            )
+            idle = moe_layer.num_experts - moe_layer.experts_per_input
+            inactive += idle * per_expert
+    return {"total": total, "active": total - inactive}
+
+
+def train_contender(name, flags, args, workdir) -> dict:
+    config = model_cli.parse_args(
+        [
+            "--corpus", str(args.corpus),
+            "--seed", str(args.seed),
+            "--validation-split", str(args.validation_split),
+            "--epochs", str(args.epochs),
+            "--output", str(Path(workdir) / name),
+            *flags,
+        ]
+    )  # fmt: skip
+    budget = TrainingTimeBudget(args.seconds)
+    summary = model_cli.train(config, verbose=0, callbacks=[budget])
+    from moe.lm.bundle import load_bundle
+
+    params = parameter_counts(load_bundle(config.output).model)
+    return {
+        "flags": flags,
+        **summary["validation"],
+        "params": params,
+        "steps": budget.steps,
+        "epochs": summary["epochs_run"],
+        "train_seconds": round(budget.spent, 1),
+        "max_seq_len": summary["config"]["max_seq_len"],
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--corpus", type=Path, default=DEFAULT_CORPUS, help="text to use"
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=150.0,
+        help="training time budget of each neural model",
+    )  # fmt: skip
+    parser.add_argument(
+        "--quick", action="store_true", help="15 s per model (smoke run)"
+    )
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--validation-split", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument(
+        "--transformer-flags", default="",
+        help="extra model.py flags for both Transformers (quoted)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--only", nargs="+", help="contenders to run (default: all)"
+    )
+    parser.add_argument("--json", type=Path, help="write results here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds = 15.0
+    if not args.corpus.is_file():
+        parser.error(f"no corpus at {args.corpus}; pass --corpus PATH")
+
+    started = time.perf_counter()
+    config = model_cli.parse_args(
+        ["--corpus", str(args.corpus),
+         "--validation-split", str(args.validation_split)]
+    )  # fmt: skip
+    tokenizer, tokens, starts, train_pos, val_pos = model_cli.prepare_data(
+        config, model_cli.load_corpus(config)
+    )
+    print(
+        f"{args.corpus.name}: {len(tokens)} words, vocabulary "
+        f"{tokenizer.vocab_size}, {len(train_pos)} training / "
+        f"{len(val_pos)} held-out targets; {args.seconds:g} s of training "
+        "per model",
+        flush=True,
+    )
+    results = {}
+    if not args.only or "bigram" in args.only:
+        results["bigram"] = {
+            "flags": None,
+            **bigram_baseline(
+                tokens, starts, train_pos, val_pos, tokenizer.vocab_size
+            ),
+        }
+        _print_row("bigram", results["bigram"])
+    flags = contender_flags(shlex.split(args.transformer_flags))
+    with tempfile.TemporaryDirectory(prefix="quality-") as workdir:
+        for name, contender in flags.items():
+            if args.only and name not in args.only:
+                continue
+            results[name] = train_contender(name, contender, args, workdir)
+            _print_row(name, results[name])
+
+    print()
+    print(markdown_table(results))
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps(
+                {
+                    "corpus": str(args.corpus),
+                    "seconds": args.seconds,
+                    "seed": args.seed,
+                    "validation_split": args.validation_split,
+                    "tokens": len(tokens),
+                    "vocab_size": tokenizer.vocab_size,
+                    "targets": {
+                        "train": len(train_pos),
+                        "held_out": len(val_pos),
+                    },
+                    "results": results,
+                    "machine": {
+                        "platform": platform.platform(),
+                        "cpus": os.cpu_count(),
+                        "keras": keras.__version__,
+                        "backend": keras.backend.backend(),
+                    },
+                },
+                indent=2,
+            )
+        )
+
+
+def _print_row(name, result):
+    line = (
+        f"{name}: top-1 {result['accuracy']:.3f}, "
+        f"top-5 {result['top5_accuracy']:.3f}"
+    )
+    if "steps" in result:
+        line += (
+            f", perplexity {result['perplexity']:.1f}, {result['steps']} "
+            f"steps / {result['epochs']} epochs in "
+            f"{result['train_seconds']:.0f} s"
+        )
+    print(line, flush=True)
+
+
+def markdown_table(results) -> str:
+    rows = [
+        "| model | params (active) | steps (epochs) | top-1 | top-5 | "
+        "perplexity |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        if "steps" in r:
+            params = f"{r['params']['total']:,} ({r['params']['active']:,})"
+            steps = f"{r['steps']} ({r['epochs']})"
+            perplexity = f"{r['perplexity']:.1f}"
+        else:
+            params = steps = perplexity = "-"
+        rows.append(
+            f"| {name} | {params} | {steps} | {r['accuracy']:.3f} | "
+            f"{r['top5_accuracy']:.3f} | {perplexity} |"
+        )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()

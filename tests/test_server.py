@@ -1,0 +1,494 @@
+"""The HTTP JSON API (`moe.lm.server`): answers, batching, bad requests,
+load, graceful shutdown. Loopback only, on a tiny trained bundle."""
+
+import asyncio
+import json
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import types
+
+import keras
+import numpy as np
+import pytest
+from aiohttp import ClientSession
+from aiohttp.test_utils import TestServer
+from conftest import REPO_ROOT, script_env
+
+from moe.lm.bundle import TRAINING_FILE
+from moe.lm.server import (
+    HEALTH_PATH,
+    METADATA_PATH,
+    PREDICT_PATH,
+    MicroBatcher,
+    ServerConfig,
+    create_app,
+    serve,
+)
+from moe.lm.tokenizer import NUM_RESERVED
+
+QUERIES = [
+    "the cat",
+    "How are",
+    "i am fine, thank",
+    "zzz qqq",  # only unknown words
+    "don't worry about the",
+    "one two three four five six seven the dog sat on the",  # > max_seq_len
+    "the 3 dogs' mat?",
+]
+
+
+@pytest.fixture(scope="module")
+def training(lm_trained):
+    return json.loads((lm_trained[0] / TRAINING_FILE).read_text())
+
+
+def run_with_server(predictor, training, body, config=None):
+    """Runs `await body(session, app)` against a live loopback server."""
+
+    async def main():
+        app = create_app(predictor, training, config)
+        async with TestServer(app, host="127.0.0.1") as server:
+            async with ClientSession(str(server.make_url(""))) as session:
+                return await body(session, app)
+
+    return asyncio.run(main())
+
+
+def reference_route(predictor, text):
+    """Kept (expert, weight) pairs from `MoELayer.route` on one hand-built
+    context (last max_seq_len ids, 0-padded), heaviest first."""
+    model = predictor.model
+    ids = predictor.tokenizer.encode(text)[-predictor.max_seq_len :]
+    context = [0] * (predictor.max_seq_len - len(ids)) + ids
+    layer = model.get_layer("moe")
+    pooled = keras.Model(model.input, layer.input)(np.array([context]))
+    route = layer.route(pooled)
+    pairs = [
+        (int(e), float(w))
+        for e, w, kept in zip(
+            np.asarray(route["expert_indices"])[0],
+            np.asarray(route["expert_weights"])[0],
+            np.asarray(route["kept"])[0],
+        )
+        if kept
+    ]
+    return sorted(pairs, key=lambda pair: -pair[1])
+
+
+def check_prediction(predictor, text, top, answer, probs=None):
+    """`answer` agrees with `NextWordPredictor` on `text` (ties allowed).
+
+    `probs`: the predictor's probabilities for `text`, if already known.
+    """
+    if probs is None:
+        probs = predictor.probabilities([text])[0]
+    real = probs[NUM_RESERVED:]
+    assert answer["word"] == answer["top"][0][0]
+    assert len(answer["top"]) == min(top, len(real))
+    listed = []
+    for word, p in answer["top"]:
+        word_id = predictor.tokenizer.word_id(word)
+        assert word_id >= NUM_RESERVED  # never padding or OOV
+        assert p == pytest.approx(probs[word_id], rel=1e-4, abs=1e-6)
+        listed.append(word_id - NUM_RESERVED)
+    # The listed words are the likeliest: none left out is more probable.
+    rest = np.delete(real, listed)
+    if len(rest):
+        assert answer["top"][-1][1] >= rest.max() - 1e-6
+    ps = [p for _, p in answer["top"]]
+    assert ps == sorted(ps, reverse=True)
+
+
+def test_predict_matches_the_predictor_and_the_layer_route(
+    lm_predictor, training
+):
+    async def body(session, app):
+        async with session.post(
+            PREDICT_PATH, json={"instances": QUERIES, "top": 3}
+        ) as r:
+            assert r.status == 200
+            assert r.content_type == "application/json"
+            return await r.json()
+
+    predictions = run_with_server(lm_predictor, training, body)["predictions"]
+    assert len(predictions) == len(QUERIES)
+    assert [p["word"] for p in predictions] == lm_predictor.predict_next(
+        QUERIES
+    )
+    for text, answer in zip(QUERIES, predictions):
+        check_prediction(lm_predictor, text, 3, answer)
+        expected = reference_route(lm_predictor, text)
+        assert [e for e, _ in answer["experts"]] == [e for e, _ in expected]
+        np.testing.assert_allclose(
+            [w for _, w in answer["experts"]],
+            [w for _, w in expected],
+            rtol=1e-5,
+        )
+        assert set(answer) == {"word", "top", "experts"}
+    # Routing depends on the query: the tiny model does not send all the
+    # queries to the same experts with the same weights.
+    assert len({json.dumps(p["experts"]) for p in predictions}) > 1
+
+
+def test_top_defaults_to_one(lm_predictor, training):
+    async def body(session, app):
+        async with session.post(
+            PREDICT_PATH, json={"instances": ["how are"]}
+        ) as r:
+            return await r.json()
+
+    (answer,) = run_with_server(lm_predictor, training, body)["predictions"]
+    assert len(answer["top"]) == 1
+    check_prediction(lm_predictor, "how are", 1, answer)
+
+
+def test_metadata_and_health(lm_predictor, training):
+    async def body(session, app):
+        async with session.get(METADATA_PATH) as r:
+            assert r.status == 200
+            metadata = await r.json()
+        async with session.get(HEALTH_PATH) as r:
+            assert r.status == 200
+            return metadata, await r.json()
+
+    metadata, health = run_with_server(lm_predictor, training, body)
+    assert metadata["vocab_size"] == lm_predictor.tokenizer.vocab_size
+    assert metadata["max_seq_len"] == lm_predictor.max_seq_len
+    assert metadata["num_experts"] == training["config"]["num_experts"]
+    assert metadata["routing"] == training["config"]["routing"]
+    assert metadata["architecture"] == "pooled"
+    assert metadata["trained_at"] == training["trained_at"]
+    assert metadata["moe_layers"][0]["name"] == "moe"
+    assert health == {
+        "status": "ok",
+        "requests": 0,
+        "instances": 0,
+        "model_calls": 0,
+    }
+
+
+BAD_REQUESTS = [
+    # (method, path, raw body, status, words of the error message)
+    ("POST", PREDICT_PATH, b'{"instances": ["how are"', 400, "not valid JSON"),
+    ("POST", PREDICT_PATH, b"", 400, "not valid JSON"),
+    ("POST", PREDICT_PATH, b'["how are"]', 400, "JSON object"),
+    ("POST", PREDICT_PATH, b"{}", 400, "missing"),
+    ("POST", PREDICT_PATH, b'{"instances": []}', 400, "empty"),
+    ("POST", PREDICT_PATH, b'{"instances": "how are"}', 400, "list"),
+    ("POST", PREDICT_PATH, b'{"instances": null}', 400, "list"),
+    ("POST", PREDICT_PATH, b'{"instances": ["a", 3]}', 400, "instances[1]"),
+    ("POST", PREDICT_PATH, b'{"instances": [["a"]]}', 400, "string"),
+    ("POST", PREDICT_PATH, b'{"instances": ["a", "?!"]}', 400, "no words"),
+    ("POST", PREDICT_PATH, b'{"instance": ["a"]}', 400, "unknown field"),
+    ("POST", PREDICT_PATH, b'{"instances": ["a"], "top": "3"}', 400, "top"),
+    ("POST", PREDICT_PATH, b'{"instances": ["a"], "top": 0}', 400, "top"),
+    ("POST", PREDICT_PATH, b'{"instances": ["a"], "top": 1.5}', 400, "top"),
+    ("POST", PREDICT_PATH, b'{"instances": ["a"], "top": true}', 400, "top"),
+    ("POST", PREDICT_PATH, b'{"instances": ["a"], "top": 99999}', 400, "top"),
+    ("POST", PREDICT_PATH, b'{"instances": ["a"], "top": NaN}', 400, "NaN"),
+    ("POST", PREDICT_PATH, b'{"instances": ["caf\xe9"]}', 400, "UTF-8"),
+    ("POST", PREDICT_PATH, b"[" * 1500 + b"]" * 1500, 400, "nested"),
+    (
+        "POST",
+        PREDICT_PATH,
+        b'{"instances": ' + b'["a"' + b', "b"' * 8 + b"]}",
+        413,
+        "too many instances",
+    ),  # fmt: skip
+    (
+        "POST",
+        PREDICT_PATH,
+        b'{"instances": ["' + b"a " * 3000 + b'"]}',
+        413,
+        "larger than 4096 bytes",
+    ),  # fmt: skip
+    ("GET", "/v1/models/other", b"", 404, "no route"),
+    ("POST", "/v1/models/other:predict", b"{}", 404, "no route"),
+    ("GET", "/", b"", 404, "no route"),
+    ("GET", PREDICT_PATH, b"", 405, "use POST"),
+    ("DELETE", HEALTH_PATH, b"", 405, "use GET"),
+    ("PUT", METADATA_PATH, b"{}", 405, "not allowed"),
+]
+
+
+def test_bad_requests_get_a_json_4xx_and_the_server_keeps_serving(
+    lm_predictor, training
+):
+    config = ServerConfig(max_instances=8, max_body_bytes=4096)
+
+    async def body(session, app):
+        answers = []
+        for method, path, data, _, _ in BAD_REQUESTS:
+            async with session.request(method, path, data=data) as r:
+                answers.append(
+                    (r.status, r.content_type, await r.json(), r.headers)
+                )
+            # Still serving after each bad request.
+            async with session.post(
+                PREDICT_PATH, json={"instances": ["how are"]}
+            ) as r:
+                assert r.status == 200, await r.text()
+        return answers
+
+    answers = run_with_server(lm_predictor, training, body, config)
+    for (method, path, _, status, words), answer in zip(BAD_REQUESTS, answers):
+        got_status, content_type, payload, headers = answer
+        case = f"{method} {path}: {payload}"
+        assert got_status == status, case
+        assert content_type == "application/json", case
+        assert set(payload) == {"error"} and words in payload["error"], case
+        if status == 405:
+            assert headers["Allow"] in payload["error"]
+
+
+def test_a_bug_is_a_500_with_a_json_body(lm_predictor, training):
+    def broken_explain(texts, top):
+        raise RuntimeError("bug")
+
+    predictor = types.SimpleNamespace(
+        model=lm_predictor.model,
+        tokenizer=lm_predictor.tokenizer,
+        max_seq_len=lm_predictor.max_seq_len,
+        explain=broken_explain,
+    )
+
+    async def body(session, app):
+        async with session.post(
+            PREDICT_PATH, json={"instances": ["how are"]}
+        ) as r:
+            return r.status, await r.json()
+
+    status, payload = run_with_server(predictor, training, body)
+    assert status == 500 and payload == {"error": "internal server error"}
+
+
+def fake_predict(calls):
+    """A predictor stand-in recording each call's texts."""
+
+    def predict(texts, top):
+        calls.append(list(texts))
+        return [
+            {"word": t, "top": [[t, 1.0 / (i + 1)] for i in range(top)]}
+            for t in texts
+        ]
+
+    return predict
+
+
+@pytest.mark.parametrize("max_batch", [1, 3, 64])
+def test_micro_batcher_shares_calls_and_routes_rows_back(max_batch):
+    requests = [[f"r{i}-{j}" for j in range(1 + i % 3)] for i in range(12)]
+
+    async def main():
+        calls = []
+        batcher = MicroBatcher(fake_predict(calls), max_batch, 0.05)
+        batcher.start()
+        answers = await asyncio.gather(
+            *(
+                batcher.submit(texts, 1 + i % 4)
+                for i, texts in enumerate(requests)
+            )  # fmt: skip
+        )
+        await batcher.stop()
+        return calls, answers, batcher
+
+    calls, answers, batcher = asyncio.run(main())
+    for i, (texts, rows) in enumerate(zip(requests, answers)):
+        assert [r["word"] for r in rows] == texts  # its own rows, in order
+        assert all(len(r["top"]) == 1 + i % 4 for r in rows)
+    # Every text computed once; a request's texts never split across calls.
+    flat = [t for call in calls for t in call]
+    assert sorted(flat) == sorted(t for texts in requests for t in texts)
+    for texts in requests:
+        assert any(call[i : i + len(texts)] == texts for call in calls
+                   for i in range(len(call)))  # fmt: skip
+    assert batcher.model_calls == len(calls)
+    assert batcher.requests == len(requests)
+    if max_batch == 1:
+        assert len(calls) == len(requests)  # no batching
+    else:
+        assert all(len(c) <= max_batch for c in calls)
+        assert len(calls) < len(requests)
+    if max_batch == 64:
+        assert len(calls) == 1  # all arrived within the wait
+
+
+def test_micro_batcher_waits_at_most_the_bounded_wait():
+    async def main():
+        calls = []
+        batcher = MicroBatcher(fake_predict(calls), 64, 0.02)
+        batcher.start()
+        first = asyncio.create_task(batcher.submit(["a"], 1))
+        await asyncio.sleep(0.5)  # far past the wait: "a" ran alone
+        second = await batcher.submit(["b"], 1)
+        await batcher.stop()
+        return calls, await first, second
+
+    calls, first, second = asyncio.run(main())
+    assert calls == [["a"], ["b"]]
+    assert first[0]["word"] == "a" and second[0]["word"] == "b"
+
+
+def test_micro_batcher_survives_a_failing_call():
+    async def main():
+        calls = []
+        ok = fake_predict(calls)
+
+        def predict(texts, top):
+            if "boom" in texts:
+                raise RuntimeError("boom")
+            return ok(texts, top)
+
+        batcher = MicroBatcher(predict, 64, 0.01)
+        batcher.start()
+        with pytest.raises(RuntimeError, match="boom"):
+            await batcher.submit(["boom"], 1)
+        answer = await batcher.submit(["fine"], 1)
+        await batcher.stop()
+        return answer
+
+    assert asyncio.run(main())[0]["word"] == "fine"
+
+
+def test_load_16_clients_x_200_requests(lm_predictor, training):
+    """16 concurrent clients x 200 requests: no errors, every answer right,
+    and concurrent requests shared model calls."""
+    rng = random.Random(0)
+    words = [*lm_predictor.tokenizer.vocabulary, "zzz", "Don't", "42"]
+    texts = [
+        " ".join(rng.choices(words, k=rng.randint(1, 6))) for _ in range(300)
+    ]
+    plans = [
+        [(rng.choice(texts), rng.randint(1, 3)) for _ in range(200)]
+        for _ in range(16)
+    ]
+
+    async def client(session, plan):
+        answers = []
+        for text, top in plan:
+            async with session.post(
+                PREDICT_PATH, json={"instances": [text], "top": top}
+            ) as r:
+                answers.append((r.status, await r.json()))
+        return answers
+
+    async def body(session, app):
+        results = await asyncio.gather(*(client(session, p) for p in plans))
+        async with session.get(HEALTH_PATH) as r:
+            return results, await r.json()
+
+    results, health = run_with_server(lm_predictor, training, body)
+    # The expected answers, straight from the predictor (batched).
+    texts = sorted({text for plan in plans for text, _ in plan})
+    probs = dict(zip(texts, lm_predictor.probabilities(texts)))
+    expected = dict(zip(texts, lm_predictor.explain(texts)))
+    for plan, answers in zip(plans, results):
+        for (text, top), (status, payload) in zip(plan, answers):
+            assert status == 200, payload
+            (answer,) = payload["predictions"]
+            check_prediction(lm_predictor, text, top, answer, probs[text])
+            want = expected[text]["experts"]
+            assert [e for e, _ in answer["experts"]] == [e for e, _ in want]
+            np.testing.assert_allclose(
+                [w for _, w in answer["experts"]],
+                [w for _, w in want],
+                rtol=1e-5,
+            )
+    assert health["requests"] == 16 * 200
+    assert health["model_calls"] < health["requests"]
+
+
+def test_graceful_shutdown_finishes_in_flight_requests(lm_predictor, training):
+    started = threading.Event()
+
+    def slow_explain(texts, top):
+        started.set()
+        time.sleep(0.5)
+        return lm_predictor.explain(texts, top)
+
+    predictor = types.SimpleNamespace(
+        model=lm_predictor.model,
+        tokenizer=lm_predictor.tokenizer,
+        max_seq_len=lm_predictor.max_seq_len,
+        explain=slow_explain,
+    )
+
+    async def main():
+        app = create_app(predictor, training)
+        stop, urls = asyncio.Event(), []
+        server = asyncio.create_task(
+            serve(app, "127.0.0.1", 0, ready=urls.append, stop=stop)
+        )
+        while not urls:
+            await asyncio.sleep(0.01)
+        async with ClientSession(urls[0]) as session:
+            request = asyncio.create_task(
+                session.post(PREDICT_PATH, json={"instances": ["how are"]})
+            )
+            while not started.is_set():
+                await asyncio.sleep(0.01)
+            stop.set()  # as SIGTERM does
+            response = await request
+            payload = await response.json()
+            await server
+            with pytest.raises(OSError):  # no longer listening
+                await session.get(HEALTH_PATH)
+        return response.status, payload
+
+    status, payload = asyncio.run(main())
+    assert status == 200
+    check_prediction(lm_predictor, "how are", 1, payload["predictions"][0])
+
+
+def test_cli_http_serves_and_stops_on_sigterm(lm_trained):
+    process = subprocess.Popen(
+        [sys.executable, "serve.py", "--http", "--port", "0", "--max-batch",
+         "8", "--model-dir", str(lm_trained[0])],
+        cwd=REPO_ROOT, env=script_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("serving http://127.0.0.1:"), (
+            line + process.stderr.read()
+        )
+        url = line.split()[1]
+
+        async def ask():
+            async with ClientSession() as session:
+                async with session.post(
+                    url, json={"instances": ["how are"], "top": 2}
+                ) as r:
+                    return r.status, await r.json()
+
+        status, payload = asyncio.run(ask())
+        assert status == 200 and len(payload["predictions"][0]["top"]) == 2
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 0, err
+        assert out.strip() == "stopped" and "Traceback" not in err
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--http", "--port", "70000"], "--port"),
+        (["--http", "--max-batch", "0"], "--max-batch"),
+        (["--http", "--batch-wait-ms", "-1"], "--batch-wait-ms"),
+        (["--http", "how are"], "takes no TEXT"),
+        (["--http", "--eval", "x.txt"], "one of"),
+    ],
+)
+def test_cli_http_bad_flags(flags, words):
+    import serve
+
+    with pytest.raises(ValueError, match=words):
+        serve.check_args(serve.parse_args(flags))
