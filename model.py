@@ -82,10 +82,12 @@ HELP = {
     "end sooner)",
     "batch_size": "(context, next word) pairs per training step",
     "steps_per_execution": "training steps per compiled call: fewer "
-    "Python round trips per step (a small model's main cost)",
-    "jit_compile": "XLA-compile the training step: auto is on for the "
-    "pooled architecture on the TensorFlow backend without --strategy "
-    "(about 2x faster on CPU), else Keras's default",
+    "Python round trips per step (a small model's main cost); always 1 "
+    "with --strategy multi-worker",
+    "jit_compile": "XLA-compile the training step. auto: Keras's default "
+    "(off on CPU). on: about 1.5-2x the steady pairs/s of the pooled model "
+    "on CPU, but compiling takes tens of seconds: pays on long runs only; "
+    "the transformer gets slower",
     "architecture": "pooled: the average of the context embeddings feeds "
     "one MoE layer; transformer: causal Transformer blocks with an MoE "
     "feed-forward layer each",
@@ -344,8 +346,14 @@ def train(
         architectures.compile_model(
             model,
             config.learning_rate,
-            steps_per_execution=config.steps_per_execution,
-            jit_compile=jit_compile(config, strategy),
+            # Keras's multi-step loop fails under MultiWorkerMirrored
+            # (a while-loop placeholder error in TF 2.21): one step a call.
+            steps_per_execution=(
+                1
+                if config.strategy == "multi-worker"
+                else config.steps_per_execution
+            ),
+            jit_compile=jit_compile(config),
         )
     stop = keras.callbacks.EarlyStopping(
         monitor="val_loss",
@@ -405,29 +413,21 @@ def train(
     return summary
 
 
-def jit_compile(config: Config, strategy=None) -> bool | str:
+def jit_compile(config: Config) -> bool | str:
     """`keras.Model.compile`'s `jit_compile` for `config.jit_compile`.
 
-    `auto`: XLA for the pooled architecture on the TensorFlow backend
-    without a `tf.distribute` strategy: its step is dominated by per-op
-    overhead, which XLA fuses away, and the MoE layer switches to its
-    static (padded-block) dispatch, same outputs
-    (`bench/training_throughput.py`: about 2x the pairs/s on CPU). Not for
-    the transformer, which XLA made 3-5x slower on CPU. Keras's own `"auto"`
-    otherwise (no XLA on CPU or under a strategy for TensorFlow; `jit` on
-    JAX; none on PyTorch).
+    `"auto"` is Keras's own rule (no XLA on CPU-only TensorFlow or under a
+    `tf.distribute` strategy, `jit` on JAX). Measured on 2 CPU cores
+    (`bench/training_throughput.py`, alice.txt): XLA gives the pooled model
+    about 1.5-2x the steady-state pairs/s, since its step is dominated by
+    per-op overhead that XLA fuses (the MoE layer switches to its static
+    padded-block dispatch, same outputs), but compiling the train and
+    evaluation steps costs tens of seconds, more than a default 5-epoch
+    run on alice.txt saves; it made the transformer 3-5x slower.
     """
-    if config.jit_compile != "auto":
-        return config.jit_compile == "on"
-    import keras
-
-    if (
-        keras.backend.backend() == "tensorflow"
-        and config.architecture == "pooled"
-        and strategy is None
-    ):
-        return True
-    return "auto"
+    if config.jit_compile == "auto":
+        return "auto"
+    return config.jit_compile == "on"
 
 
 def build(config: Config, vocab_size: int):

@@ -58,8 +58,9 @@ warnings.filterwarnings("ignore", message="You are using a softmax over axis")
 class TrainingTimeBudget(keras.callbacks.Callback):
     """Stops `fit` once the time spent in training steps passes `seconds`.
 
-    The clock runs from the end of the first training step (which traces
-    and compiles the step) and pauses during validation.
+    The clock runs from the end of the first training call (which traces
+    and compiles the step) and pauses during validation; it is checked
+    once per `steps_per_execution` steps.
     """
 
     def __init__(self, seconds):
@@ -67,11 +68,14 @@ class TrainingTimeBudget(keras.callbacks.Callback):
         self.seconds = seconds
         self.spent = 0.0
         self.steps = 0
+        self._epoch_start_steps = 0
         self._since = None
 
     def on_train_batch_end(self, batch, logs=None):
+        # With `steps_per_execution` > 1 Keras calls this once per
+        # execution, with `batch` = the index of its last step.
         now = time.perf_counter()
-        self.steps += 1
+        self.steps = self._epoch_start_steps + batch + 1
         if self._since is not None:
             self.spent += now - self._since
         self._since = now
@@ -82,6 +86,7 @@ class TrainingTimeBudget(keras.callbacks.Callback):
         self._since = None  # validation is not training time
 
     def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start_steps = self.steps
         if epoch > 0:
             self._since = time.perf_counter()
 
