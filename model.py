@@ -284,6 +284,20 @@ def prepare_data(config: Config, texts: list[str]):
     return tokenizer, tokens, starts, train, val
 
 
+def make_datasets(config: Config, tokens, starts, train_pos, val_pos):
+    """The shuffled training and the ordered validation `tf.data` pipelines."""
+    from moe.lm import data
+
+    train_ds = data.make_dataset(
+        tokens, starts, train_pos, config.max_seq_len, config.batch_size,
+        shuffle_seed=config.seed,
+    )  # fmt: skip
+    val_ds = data.make_dataset(
+        tokens, starts, val_pos, config.max_seq_len, config.batch_size
+    )
+    return train_ds, val_ds
+
+
 def with_defaults(config: Config) -> Config:
     """`config` with the per-architecture defaults of unset fields."""
     defaults = ARCHITECTURES[config.architecture]
@@ -320,13 +334,7 @@ def train(
         raise ConfigError(str(e)) from None
     started = time.perf_counter()
     keras.utils.set_random_seed(config.seed)
-    train_ds = data.make_dataset(
-        tokens, starts, train_pos, config.max_seq_len, config.batch_size,
-        shuffle_seed=config.seed,
-    )  # fmt: skip
-    val_ds = data.make_dataset(
-        tokens, starts, val_pos, config.max_seq_len, config.batch_size
-    )
+    train_ds, val_ds = make_datasets(config, tokens, starts, train_pos, val_pos)
     if strategy is not None:
         try:
             train_ds = distribute.whole_batches(

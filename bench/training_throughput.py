@@ -69,7 +69,7 @@ def matmul_flops_per_s(size=1024, repeats=7):
 
 
 def run_config(name, overrides, steps_per_execution, args, flops_per_s):
-    from moe.lm import architectures, data
+    from moe.lm import architectures
 
     config = model_cli.Config(
         corpus=[str(args.corpus)] if args.corpus else None,
@@ -81,8 +81,7 @@ def run_config(name, overrides, steps_per_execution, args, flops_per_s):
         **overrides,
     )
     model_cli.validate(config)
-    if hasattr(model_cli, "with_defaults"):
-        config = model_cli.with_defaults(config)
+    config = model_cli.with_defaults(config)
     start = time.perf_counter()
     texts = model_cli.load_corpus(config)
     tokenizer, tokens, starts, train_pos, val_pos = model_cli.prepare_data(
@@ -91,12 +90,8 @@ def run_config(name, overrides, steps_per_execution, args, flops_per_s):
     prepare_s = time.perf_counter() - start
     start = time.perf_counter()
     keras.utils.set_random_seed(config.seed)
-    train_ds = data.make_dataset(
-        tokens, starts, train_pos, config.max_seq_len, config.batch_size,
-        shuffle_seed=config.seed,
-    )  # fmt: skip
-    val_ds = data.make_dataset(
-        tokens, starts, val_pos, config.max_seq_len, config.batch_size
+    train_ds, val_ds = model_cli.make_datasets(
+        config, tokens, starts, train_pos, val_pos
     )
     dataset_s = time.perf_counter() - start
     model = model_cli.build(config, tokenizer.vocab_size)
