@@ -443,25 +443,7 @@ def build(config: Config, vocab_size: int):
     from moe.lm import architectures
 
     config = with_defaults(config)
-    if config.architecture == "transformer":
-        return architectures.build_transformer_model(
-            vocab_size=vocab_size,
-            max_seq_len=config.max_seq_len,
-            embed_dim=config.embed_dim,
-            num_layers=config.num_layers,
-            num_heads=config.num_heads,
-            num_experts=config.num_experts,
-            hidden_dim=config.hidden_dim,
-            top_k=config.top_k,
-            routing=config.routing,
-            dropout=config.dropout,
-            seed=config.seed,
-            capacity_factor=config.capacity_factor,
-            aux_loss_weight=config.aux_loss_weight,
-            num_groups=config.num_groups,
-            num_shared_experts=config.num_shared_experts,
-        )
-    return architectures.build_model(
+    shared = dict(
         vocab_size=vocab_size,
         max_seq_len=config.max_seq_len,
         embed_dim=config.embed_dim,
@@ -475,6 +457,14 @@ def build(config: Config, vocab_size: int):
         num_groups=config.num_groups,
         num_shared_experts=config.num_shared_experts,
     )
+    if config.architecture == "transformer":
+        return architectures.build_transformer_model(
+            **shared,
+            num_layers=config.num_layers,
+            num_heads=config.num_heads,
+            dropout=config.dropout,
+        )
+    return architectures.build_model(**shared)
 
 
 def summary_line(summary: dict) -> str:
