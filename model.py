@@ -85,9 +85,9 @@ HELP = {
     "Python round trips per step (a small model's main cost); always 1 "
     "with --strategy multi-worker",
     "jit_compile": "XLA-compile the training step. auto: Keras's default "
-    "(off on CPU). on: about 1.5-2x the steady pairs/s of the pooled model "
-    "on CPU, but compiling takes tens of seconds: pays on long runs only; "
-    "the transformer gets slower",
+    "(off on CPU). on: about 1.3x the pooled model's pairs per CPU-second, "
+    "but compiling takes tens of seconds: pays on long runs only; the "
+    "transformer gets slower",
     "architecture": "pooled: the average of the context embeddings feeds "
     "one MoE layer; transformer: causal Transformer blocks with an MoE "
     "feed-forward layer each",
@@ -426,11 +426,12 @@ def jit_compile(config: Config) -> bool | str:
 
     `"auto"` is Keras's own rule (no XLA on CPU-only TensorFlow or under a
     `tf.distribute` strategy, `jit` on JAX). Measured on 2 CPU cores
-    (`bench/training_throughput.py`, alice.txt): XLA gives the pooled model
-    about 1.5-2x the steady-state pairs/s, since its step is dominated by
-    per-op overhead that XLA fuses (the MoE layer switches to its static
-    padded-block dispatch, same outputs), but compiling the train and
-    evaluation steps costs tens of seconds, more than a default 5-epoch
+    (`bench/training_throughput.py`, alice.txt): with 32 steps per
+    execution XLA gives the pooled model about 1.3x the pairs per
+    CPU-second (about the same wall-clock pairs/s), since its step is
+    dominated by per-op overhead that XLA fuses (the MoE layer switches to
+    its static padded-block dispatch, same outputs), but compiling the train
+    and evaluation steps costs tens of seconds, more than a default 5-epoch
     run on alice.txt saves; it made the transformer 3-5x slower.
     """
     if config.jit_compile == "auto":

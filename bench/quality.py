@@ -6,6 +6,9 @@ is the last `--validation-split` of the corpus, as in `model.py`):
   training part; predicts the most frequent follower among real words
   (unigram counts where the previous word was never seen). NumPy, no
   training time.
+- `trigram`: the same with the two previous words, backing off to the
+  bigram where those two were never seen together: how much a longer
+  context can give at this corpus size, from counts alone.
 - `pooled`: `model.py` defaults (the card's pooled trunk, context 1).
 - `moe_transformer`: `model.py --architecture transformer` defaults.
 - `dense_transformer`: the same Transformer with a dense feed-forward layer
@@ -91,32 +94,51 @@ class TrainingTimeBudget(keras.callbacks.Callback):
             self._since = time.perf_counter()
 
 
-def bigram_baseline(tokens, starts, train_pos, val_pos, vocab_size) -> dict:
-    """Top-1 / top-5 held-out accuracy of the bigram count model.
+def ngram_baseline(tokens, starts, train_pos, val_pos, order) -> dict:
+    """Top-1 / top-5 held-out accuracy of an n-gram count model with backoff.
 
-    The previous word is the context of `--max-seq-len 1` (padding at the
-    start of a sentence, so "sentence start" is a context of its own).
-    Ties are broken towards the more frequent word (lower id).
+    The context is the `order - 1` previous words of the sentence (padding
+    before its start, so "sentence start" is a context of its own). The
+    ranking is the followers of the longest context seen in training, by
+    count, then those of the next shorter context, and so on, then every
+    word by unigram count; ties go to the more frequent word (then the
+    lower id). Padding and out-of-vocabulary are never predicted.
+    `order=2` is the bigram model.
     """
+    tokens = np.asarray(tokens)
     starts = np.asarray(starts)
+    context_len = order - 1
 
-    def previous(positions):
-        return np.asarray(contexts(tokens, positions, starts[positions], 1))[
-            :, 0
-        ]
+    def context_rows(positions):
+        return np.asarray(
+            contexts(tokens, positions, starts[positions], context_len)
+        )
 
-    targets = np.asarray(tokens)[train_pos]
-    counts = np.zeros((vocab_size, vocab_size), np.float64)
-    np.add.at(counts, (previous(train_pos), targets), 1.0)
-    unigram = np.bincount(targets, minlength=vocab_size).astype(np.float64)
-    # Counts are integers, so a unigram share < 1 only breaks their ties;
-    # an unseen previous word falls back to the unigram order.
-    scores = counts[previous(val_pos)] + unigram / (unigram.sum() + 1.0)
-    scores[:, :NUM_RESERVED] = -1.0  # never predict padding / OOV
-    ranking = np.argsort(-scores, axis=1, kind="stable")[:, :5]
-    val_targets = np.asarray(tokens)[val_pos]
-    real = val_targets >= NUM_RESERVED  # an OOV target is always a miss
-    hits = (ranking == val_targets[:, None]) & real[:, None]
+    unigram = np.bincount(tokens[train_pos], minlength=NUM_RESERVED)
+    by_frequency = [
+        int(w) for w in np.argsort(-unigram, kind="stable")
+        if w >= NUM_RESERVED
+    ][:5]  # fmt: skip
+    followers = {}  # context suffix (shorter ones too) -> {word: count}
+    for row, word in zip(context_rows(train_pos), tokens[train_pos]):
+        if word < NUM_RESERVED:
+            continue
+        for n in range(1, context_len + 1):
+            counts = followers.setdefault(tuple(row[-n:]), {})
+            counts[int(word)] = counts.get(int(word), 0) + 1
+    hits = np.zeros((len(val_pos), 5), bool)
+    for i, (row, target) in enumerate(
+        zip(context_rows(val_pos), tokens[val_pos])
+    ):
+        ranking = []
+        for n in range(context_len, 0, -1):  # longest context first
+            counts = followers.get(tuple(row[-n:]), {})
+            ranked = sorted(counts, key=lambda w: (-counts[w], -unigram[w], w))
+            ranking += [w for w in ranked if w not in ranking]
+            if len(ranking) >= 5:
+                break
+        ranking += [w for w in by_frequency if w not in ranking]
+        hits[i] = np.asarray(ranking[:5]) == target
     return {
         "accuracy": float(hits[:, 0].mean()),
         "top5_accuracy": float(hits.any(axis=1).mean()),
@@ -234,14 +256,13 @@ def main(argv=None):
         flush=True,
     )
     results = {}
-    if not args.only or "bigram" in args.only:
-        results["bigram"] = {
-            "flags": None,
-            **bigram_baseline(
-                tokens, starts, train_pos, val_pos, tokenizer.vocab_size
-            ),
-        }
-        _print_row("bigram", results["bigram"])
+    for name, order in (("bigram", 2), ("trigram", 3)):
+        if not args.only or name in args.only:
+            results[name] = {
+                "flags": None,
+                **ngram_baseline(tokens, starts, train_pos, val_pos, order),
+            }
+            _print_row(name, results[name])
     flags = contender_flags(shlex.split(args.transformer_flags))
     with tempfile.TemporaryDirectory(prefix="quality-") as workdir:
         for name, contender in flags.items():
