@@ -20,11 +20,18 @@ import contextlib
 import dataclasses
 import importlib.util
 import os
+import signal
 import sys
+import threading
 import time
 
 # Silence TensorFlow's C++ start-up log unless the user asked for it.
 _QUIET_TF = "TF_CPP_MIN_LOG_LEVEL" not in os.environ
+# Set by `main`'s Ctrl-C handler. A KeyboardInterrupt that Python raises
+# inside a finalizer (`__del__`) is printed and dropped, and training would
+# go on to overwrite the bundle; `train` checks this after every step and
+# before saving, so an interrupt is never lost.
+INTERRUPTED = threading.Event()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # `moe.routing.ROUTINGS`, repeated so that flags are checked before the slow
@@ -383,7 +390,7 @@ def train(
         train_ds,
         validation_data=val_ds,
         epochs=config.epochs,
-        callbacks=[stop, load, *board, *callbacks],
+        callbacks=[stop, load, *board, *callbacks, _stop_on_interrupt()],
         shuffle=False,  # the dataset shuffles itself, reproducibly
         verbose=verbose,
     )
@@ -413,12 +420,39 @@ def train(
         bundle.TRAINING_FIGURE: plots.training_png(summary["history"]),
         bundle.EXPERTS_FIGURE: plots.experts_png(load.history, load.final),
     }
+    _raise_if_interrupted()
     if summary["distribution"]["chief"]:  # other workers leave it alone
         bundle.save_bundle(
             config.output, model, tokenizer, config.max_seq_len, summary,
             figures,
         )  # fmt: skip
     return summary
+
+
+def _raise_if_interrupted(*_, **__):
+    if INTERRUPTED.is_set():
+        raise KeyboardInterrupt
+
+
+def _stop_on_interrupt():
+    import keras
+
+    return keras.callbacks.LambdaCallback(
+        on_train_batch_end=_raise_if_interrupted,
+        on_epoch_end=_raise_if_interrupted,
+    )
+
+
+def _on_sigint(signum, frame):
+    INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
+def _ignore_dropped_interrupts(unraisable):
+    # `sys.unraisablehook` while `main` runs: an interrupt Python had to drop
+    # is handled through `INTERRUPTED`, so it is not an error to print.
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+        sys.__unraisablehook__(unraisable)
 
 
 def jit_compile(config: Config) -> bool | str:
@@ -527,6 +561,23 @@ def _quiet_stderr():
 
 
 def main(argv: list[str] | None = None) -> int:
+    INTERRUPTED.clear()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, _on_sigint)
+    previous_hook, sys.unraisablehook = (
+        sys.unraisablehook,
+        _ignore_dropped_interrupts,
+    )
+    try:
+        return _main(argv)
+    finally:
+        sys.unraisablehook = previous_hook
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     config = parse_args(argv)
     try:
         validate(config)  # before the slow imports

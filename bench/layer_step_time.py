@@ -236,15 +236,11 @@ def main(argv=None):
     if args.scaling:
         shapes = shapes[:1]
     top_k = 2
-    allocator = (
-        "bfc"
-        if os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "").lower()
-        in ("1", "true")
-        else "malloc"
-    )
-    if keras.backend.backend() != "tensorflow":
-        allocator = "n/a"
     backend = keras.backend.backend()
+    allocator = "n/a"  # only TensorFlow reads the variable
+    if backend == "tensorflow":
+        use_bfc = os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "").lower()
+        allocator = "bfc" if use_bfc in ("1", "true") else "malloc"
     mode = "XLA" if args.jit else "graph"
     if backend != "tensorflow":
         mode = "jit" if backend == "jax" else "eager"

@@ -278,3 +278,48 @@ def test_interrupted_training_keeps_the_old_bundle(tmp_path, lm_trained):
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert bundle.load_bundle(target).max_seq_len == 3
+
+
+def test_an_interrupt_python_dropped_still_stops_training(
+    tmp_path, lm_corpus_file
+):
+    # A KeyboardInterrupt raised inside a finalizer (`__del__`) is printed
+    # and dropped by Python, and training would go on to save. `main`'s
+    # Ctrl-C handler also sets `model.INTERRUPTED`: here it is set with no
+    # exception at all, and training must still stop before saving.
+    import keras
+
+    output = tmp_path / "saved_model"
+    config = model.parse_args(
+        ["--corpus", str(lm_corpus_file), "--output", str(output)]
+        + LM_TINY_FLAGS
+    )
+    lost_interrupt = keras.callbacks.LambdaCallback(
+        on_epoch_begin=lambda epoch, logs: model.INTERRUPTED.set()
+    )
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            model.train(config, verbose=0, callbacks=[lost_interrupt])
+    finally:
+        model.INTERRUPTED.clear()
+    assert not output.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dropped_interrupts_are_not_reported_as_errors(capsys, monkeypatch):
+    # While `main` runs, `sys.unraisablehook` keeps quiet about the dropped
+    # interrupts only: other errors in finalizers are still printed.
+    class RaisesWhenCollected:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def __del__(self):
+            raise self.exc
+
+    monkeypatch.setattr(sys, "unraisablehook", model._ignore_dropped_interrupts)
+    obj = RaisesWhenCollected(KeyboardInterrupt())
+    del obj
+    assert capsys.readouterr().err == ""
+    obj = RaisesWhenCollected(ValueError("a real bug"))
+    del obj
+    assert "ValueError: a real bug" in capsys.readouterr().err
