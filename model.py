@@ -27,12 +27,13 @@ import time
 
 # Silence TensorFlow's C++ start-up log unless the user asked for it.
 _QUIET_TF = "TF_CPP_MIN_LOG_LEVEL" not in os.environ
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
 # Set by `main`'s Ctrl-C handler. A KeyboardInterrupt that Python raises
 # inside a finalizer (`__del__`) is printed and dropped, and training would
 # go on to overwrite the bundle; `train` checks this after every step and
 # before saving, so an interrupt is never lost.
 INTERRUPTED = threading.Event()
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # `moe.routing.ROUTINGS`, repeated so that flags are checked before the slow
 # `import moe` (which loads Keras and TensorFlow).
@@ -565,10 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGINT, _on_sigint)
-    previous_hook, sys.unraisablehook = (
-        sys.unraisablehook,
-        _ignore_dropped_interrupts,
-    )
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _ignore_dropped_interrupts
     try:
         return _main(argv)
     finally:
