@@ -4,7 +4,7 @@ Contenders, all on the same tokenizer and the same split (the held-out tail
 is the last `--validation-split` of the corpus, as in `model.py`):
 - `bigram`: counts of (previous word of the sentence, next word) on the
   training part; predicts the most frequent follower among real words
-  (unigram counts where the previous word was never seen). NumPy, no
+  (unigram counts where the previous word was never seen). Counting, no
   training time.
 - `trigram`: the same with the two previous words, backing off to the
   bigram where those two were never seen together: how much a longer
