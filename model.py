@@ -40,13 +40,17 @@ INTERRUPTED = threading.Event()
 ROUTINGS = ("top_k", "switch", "soft", "expert_choice", "hash", "hierarchical")
 # `moe.lm.distribute.STRATEGIES`, repeated for the same reason.
 STRATEGIES = ("none", "mirrored", "multi-worker")
-# `--max-seq-len` when not given: the pooled trunk averages its context, so
-# more than the last word hurts it (README, "Measured figures"); the
-# Transformer attends by position and uses a longer context.
+# Per-architecture defaults of unset flags. `--max-seq-len`: the pooled
+# trunk averages its context, so more than the last word hurts it (README,
+# "Measured figures"); the Transformer attends by position and uses a
+# longer context. `--train-positions`: a causal Transformer predicts the
+# next word at every position of a window in one step; the pooled trunk has
+# one output per context.
 ARCHITECTURES = {
-    "pooled": {"max_seq_len": 1},
-    "transformer": {"max_seq_len": 8},
+    "pooled": {"max_seq_len": 1, "train_positions": "last"},
+    "transformer": {"max_seq_len": 8, "train_positions": "all"},
 }
+TRAIN_POSITIONS = ("all", "last")
 
 
 @dataclasses.dataclass
@@ -61,6 +65,7 @@ class Config:
     jit_compile: str = "auto"
     architecture: str = "pooled"
     max_seq_len: int | None = None
+    train_positions: str | None = None
     vocab_size: int = 5000
     embed_dim: int = 64
     num_layers: int = 2
@@ -91,7 +96,7 @@ HELP = {
     "batch_size": "(context, next word) pairs per training step",
     "steps_per_execution": "training steps per compiled call: fewer "
     "Python round trips per step (a small model's main cost); always 1 "
-    "with --strategy multi-worker",
+    "under --strategy",
     "jit_compile": "XLA-compile the training step. auto: Keras's default "
     "(off on CPU). on: about 1.3x the pooled model's pairs per CPU-second, "
     "but compiling takes tens of seconds: pays on long runs only; the "
@@ -101,6 +106,11 @@ HELP = {
     "feed-forward layer each",
     "max_seq_len": "context window: how many preceding words the model sees "
     "(default: 1 for pooled, 8 for transformer)",
+    "train_positions": "transformer: learn the next word at every position "
+    "of a window of --max-seq-len words (all), or only after each whole "
+    "context (last, as serving asks; pooled always does). all sees each "
+    "word once per epoch, as last does, in fewer, larger steps (default: "
+    "all for transformer)",
     "vocab_size": "vocabulary cap, padding and out-of-vocabulary ids "
     "included; rarer words become out-of-vocabulary",
     "embed_dim": "word embedding width (the Transformer's width)",
@@ -145,6 +155,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
             kwargs.update(choices=ROUTINGS)
         elif field.name == "architecture":
             kwargs.update(choices=tuple(ARCHITECTURES))
+        elif field.name == "train_positions":
+            kwargs.update(choices=TRAIN_POSITIONS)
         elif field.name == "max_seq_len":
             kwargs.update(type=int)
         elif field.name in ("top_k", "num_groups"):
@@ -191,6 +203,12 @@ def validate(config: Config) -> None:
         ),
         (config.vocab_size >= 3, "--vocab-size must be at least 3"),
         (config.embed_dim >= 1, "--embed-dim must be at least 1"),
+        (
+            config.train_positions in (None, "last")
+            or config.architecture == "transformer",
+            "--train-positions all needs --architecture transformer (the "
+            "pooled model predicts once per context)",
+        ),
         (config.num_layers >= 1, "--num-layers must be at least 1"),
         (
             config.num_heads >= 1
@@ -292,18 +310,57 @@ def prepare_data(config: Config, texts: list[str]):
     return tokenizer, tokens, starts, train, val
 
 
-def make_datasets(config: Config, tokens, starts, train_pos, val_pos):
-    """The shuffled training and the ordered validation `tf.data` pipelines."""
+def make_datasets(
+    config: Config, tokens, starts, train_pos, val_pos, replicas: int = 1
+):
+    """The shuffled training and the ordered validation `tf.data` pipelines.
+
+    Pairs (`data.make_dataset`), or windows (`data.make_window_dataset`)
+    with `--train-positions all`. With `replicas` > 1 (a `tf.distribute`
+    strategy), the first validation batch splits evenly over them: Keras
+    builds a model's evaluation from the replicas' mean of that batch
+    (`_maybe_symbolic_build` in Keras's TensorFlow trainer), which fails on
+    unequal shares, as when the validation part is under one batch.
+
+    Raises:
+        ConfigError: fewer validation examples than replicas.
+    """
     from moe.lm import data
 
-    train_ds = data.make_dataset(
+    config = with_defaults(config)
+    make = data.make_dataset
+    if config.train_positions == "all":
+        make = data.make_window_dataset
+    train_ds = make(
         tokens, starts, train_pos, config.max_seq_len, config.batch_size,
         shuffle_seed=config.seed,
     )  # fmt: skip
-    val_ds = data.make_dataset(
-        tokens, starts, val_pos, config.max_seq_len, config.batch_size
+    first = min(
+        config.batch_size,
+        examples_per_epoch(config, starts, val_pos, shuffled=False),
     )
+    if first < replicas:
+        raise ConfigError(
+            f"the validation part has {first} examples, fewer than the "
+            f"{replicas} replicas: raise --validation-split"
+        )
+    val_batch_size = config.batch_size
+    if first % replicas:
+        val_batch_size = first - first % replicas
+    val_ds = make(tokens, starts, val_pos, config.max_seq_len, val_batch_size)
     return train_ds, val_ds
+
+
+def examples_per_epoch(config: Config, starts, positions, shuffled=True):
+    """Examples (pairs or windows) in the shortest epoch over `positions`."""
+    from moe.lm import data
+
+    config = with_defaults(config)
+    if config.train_positions == "all":
+        return data.window_count(
+            positions, starts, config.max_seq_len, shuffled=shuffled
+        )
+    return len(positions)
 
 
 def with_defaults(config: Config) -> Config:
@@ -342,32 +399,44 @@ def train(
         raise ConfigError(str(e)) from None
     started = time.perf_counter()
     keras.utils.set_random_seed(config.seed)
-    train_ds, val_ds = make_datasets(config, tokens, starts, train_pos, val_pos)
+    replicas = 1 if strategy is None else strategy.num_replicas_in_sync
+    train_ds, val_ds = make_datasets(
+        config, tokens, starts, train_pos, val_pos, replicas
+    )
     if strategy is not None:
         try:
             train_ds = distribute.whole_batches(
-                train_ds, len(train_pos), config.batch_size
+                train_ds,
+                examples_per_epoch(config, starts, train_pos),
+                config.batch_size,
             )
         except distribute.StrategyError as e:
             raise ConfigError(str(e)) from None
         train_ds = distribute.distribute_options(train_ds)
         val_ds = distribute.distribute_options(val_ds)
     # Under a strategy, the model's variables are mirrored on every replica.
+    # `model` is the one serving uses; `trained` is the one `fit` trains:
+    # itself, or with `--train-positions all` the same layers predicting at
+    # every position of a window.
     try:
         with distribute.scope(strategy):
             model = build(config, tokenizer.vocab_size)
+            trained = model
+            if config.train_positions == "all":
+                trained = architectures.every_position_model(model)
     except ValueError as e:  # a combination the layer rejects
         raise ConfigError(str(e)) from None
     with distribute.scope(strategy):
+        if trained is not model:  # compiled for `evaluate` and the bundle
+            architectures.compile_model(model, config.learning_rate)
         architectures.compile_model(
-            model,
+            trained,
             config.learning_rate,
-            # Keras's multi-step loop fails under MultiWorkerMirrored
-            # (a while-loop placeholder error in TF 2.21): one step a call.
+            # Keras's multi-step loop fails under a strategy with more than
+            # one replica (a while-loop placeholder error in TF 2.21): one
+            # step a call.
             steps_per_execution=(
-                1
-                if config.strategy == "multi-worker"
-                else config.steps_per_execution
+                1 if strategy is not None else config.steps_per_execution
             ),
             jit_compile=jit_compile(config),
         )
@@ -387,7 +456,7 @@ def train(
         board = [
             keras.callbacks.TensorBoard(config.tensorboard, write_graph=False)
         ]
-    history = model.fit(
+    history = trained.fit(
         train_ds,
         validation_data=val_ds,
         epochs=config.epochs,
@@ -395,7 +464,15 @@ def train(
         shuffle=False,  # the dataset shuffles itself, reproducibly
         verbose=verbose,
     )
-    # The restored best weights, measured again.
+    # The restored best weights, measured again on the serving task: the
+    # next word after each validation context.
+    if trained is not model:
+        pairs_config = dataclasses.replace(config, train_positions="last")
+        _, val_ds = make_datasets(
+            pairs_config, tokens, starts, train_pos, val_pos, replicas
+        )
+        if strategy is not None:
+            val_ds = distribute.distribute_options(val_ds)
     metrics = model.evaluate(val_ds, return_dict=True, verbose=0)
     seconds = time.perf_counter() - started
     summary = {

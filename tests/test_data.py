@@ -107,3 +107,88 @@ def test_read_text(tmp_path):
 def test_default_corpus_is_package_data():
     text = corpus.default_corpus_text()
     assert len(text.split()) > 1000
+
+
+def random_stream(seed, num_words=400, max_sentence=20):
+    """Tokens 1, 2, ... (a word's id names its position) in random sentences."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, max_sentence, size=num_words)
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)[:num_words]
+    tokens = np.arange(1, num_words + 1, dtype=np.int32)
+    return tokens, starts.astype(np.int32)
+
+
+def window_examples(dataset):
+    """(target position, context positions) of every weighted slot."""
+    examples = []
+    for windows, targets, weights in dataset.as_numpy_iterator():
+        assert windows.shape == targets.shape == weights.shape
+        for x, y, w in zip(windows, targets, weights, strict=True):
+            assert np.array_equal(w, (y != 0).astype(w.dtype))
+            for j in np.flatnonzero(w):
+                context = x[: j + 1]
+                examples.append(
+                    (int(y[j]) - 1, tuple(context[context > 0] - 1))
+                )
+    return examples
+
+
+@pytest.mark.parametrize("max_seq_len", [1, 3, 8])
+@pytest.mark.parametrize("part", ["train", "validation"])
+def test_windows_hold_every_target_once_with_its_sentence_context(
+    max_seq_len, part
+):
+    tokens, starts = random_stream(seed=max_seq_len)
+    positions = corpus.pair_positions(starts)
+    split = 300  # mid-sentence: the held-out part starts inside one
+    positions = positions[
+        positions < split if part == "train" else positions >= split
+    ]
+    lengths = []
+    for epoch_seed, epochs in ((None, 1), (3, 4)):
+        ds = data.make_window_dataset(
+            tokens, starts, positions, max_seq_len, 7, shuffle_seed=epoch_seed
+        )
+        for _ in range(epochs):
+            examples = window_examples(ds)
+            targets = sorted(t for t, _ in examples)
+            if epoch_seed is None:
+                assert targets == positions.tolist()
+            else:  # all but the windows past the fewest an epoch has
+                assert len(set(targets)) == len(targets)
+                assert set(targets) <= set(positions.tolist())
+                windows = sum(len(x) for x, _, _ in ds.as_numpy_iterator())
+                fewest = data.window_count(positions, starts, max_seq_len)
+                assert fewest <= windows <= -(-fewest // 7) * 7
+            for target, context in examples:
+                # The words just before the target, in its sentence, as many
+                # as the window holds: a suffix of the serving context.
+                assert 1 <= len(context) <= max_seq_len
+                assert context == tuple(range(target - len(context), target))
+                assert context[0] >= starts[target]
+            lengths.append(dict((t, len(c)) for t, c in examples))
+    # In stream order every window's last target sees its full context.
+    ordered = data.make_window_dataset(
+        tokens, starts, positions, max_seq_len, 7
+    )
+    for x, y, w in ordered.as_numpy_iterator():
+        last = y[:, -1] - 1
+        full = np.minimum(max_seq_len, last - starts[last])
+        assert np.array_equal((x > 0).sum(axis=1), full)
+    if max_seq_len > 1:  # the cuts move between shuffled epochs
+        assert any(a != b for a, b in zip(lengths[1:], lengths[2:]))
+
+
+def test_window_count_is_the_fewest_windows_of_an_epoch():
+    # Sentences start at 0 and 6: targets 1-5 and 7-8. Windows of 2 end at
+    # even targets and run ends (2 4 5 8) with offset 0, at odd targets
+    # and run ends (1 3 5 7 8) with offset 1.
+    starts = np.array([0] * 6 + [6] * 3, np.int32)
+    positions = corpus.pair_positions(starts)
+    ends, firsts = data.window_ends(positions, starts, 2, 0)
+    assert ends.numpy().tolist() == [2, 4, 5, 8]
+    assert firsts.numpy().tolist() == [1, 3, 5, 7]
+    ends, firsts = data.window_ends(positions, starts, 2, 1)
+    assert ends.numpy().tolist() == [1, 3, 5, 7, 8]
+    assert firsts.numpy().tolist() == [1, 2, 4, 7, 8]
+    assert data.window_count(positions, starts, 2) == 4

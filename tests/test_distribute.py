@@ -94,6 +94,42 @@ def test_mirrored_two_devices_follow_the_one_device_trajectory(
         np.testing.assert_allclose(np.array(b), np.array(a), atol=1e-4)
 
 
+MIRRORED_CLI_SCRIPT = """
+import sys
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+)
+import model
+
+sys.exit(model.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("architecture", ["pooled", "transformer"])
+def test_model_py_trains_on_two_mirrored_replicas(
+    lm_corpus_file, tmp_path, architecture
+):
+    # model.py's own defaults (32 steps per execution), and a validation
+    # part under one batch, of an odd size (33 pairs, 15 windows): both
+    # once failed with two replicas.
+    out = tmp_path / "bundle"
+    flags = [
+        lm_corpus_file, "--output", out, "--architecture", architecture,
+        "--strategy", "mirrored", "--epochs", "1", "--batch-size", "64",
+        "--max-seq-len", "3", "--embed-dim", "8", "--hidden-dim", "8",
+        "--num-layers", "1", "--num-heads", "2", "--validation-split", "0.15",
+    ]  # fmt: skip
+    flags[0:0] = ["--corpus"]
+    result = run_script("-c", MIRRORED_CLI_SCRIPT, *flags, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["distribution"]["replicas"] == 2
+    assert summary["validation"]["perplexity"] > 1
+
+
 WORKER_SCRIPT = """
 import functools, sys
 import keras, numpy as np

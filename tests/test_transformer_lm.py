@@ -11,8 +11,8 @@ from conftest import LM_TINY_FLAGS, run_script
 from keras import ops
 
 import model
-from moe.lm import architectures
-from moe.lm.predictor import NextWordPredictor
+from moe.lm import architectures, data
+from moe.lm.predictor import NextWordPredictor, next_word_metrics
 
 TRANSFORMER_FLAGS = [
     "--architecture", "transformer", "--num-layers", "1", "--num-heads", "2",
@@ -25,6 +25,8 @@ def test_max_seq_len_defaults_per_architecture():
     assert model.with_defaults(transformer).max_seq_len == 8
     explicit = model.Config(architecture="transformer", max_seq_len=5)
     assert model.with_defaults(explicit).max_seq_len == 5
+    assert model.with_defaults(model.Config()).train_positions == "last"
+    assert model.with_defaults(transformer).train_positions == "all"
 
 
 @pytest.mark.parametrize(
@@ -36,6 +38,11 @@ def test_max_seq_len_defaults_per_architecture():
         ),
         (["--num-layers", "0"], "--num-layers must be at least 1. Received: 0"),
         (["--dropout", "1"], "--dropout must be in [0, 1). Received: 1.0"),
+        (
+            ["--train-positions", "all"],
+            "--train-positions all needs --architecture transformer (the "
+            "pooled model predicts once per context). Received: all",
+        ),
     ],
 )
 def test_bad_transformer_flags_are_one_line_errors(tmp_path, flags, message):
@@ -62,16 +69,81 @@ def test_transformer_model_maps_contexts_to_next_word(routing):
     assert not np.allclose(ops.convert_to_numpy(lm(changed)), probs)
 
 
-def test_train_transformer_then_serve_end_to_end(tmp_path, lm_corpus_file):
-    out = tmp_path / "bundle"
-    trained = run_script(
-        "model.py", "--corpus", lm_corpus_file, "--output", out,
-        *LM_TINY_FLAGS, *TRANSFORMER_FLAGS,
+@pytest.mark.parametrize("routing", ["top_k", "hash"])
+def test_every_position_model_predicts_each_prefix_as_serving_does(routing):
+    lm = architectures.build_transformer_model(
+        vocab_size=30, max_seq_len=5, embed_dim=8, num_layers=2, num_heads=2,
+        num_experts=4, hidden_dim=6, routing=routing, seed=0,
     )  # fmt: skip
+    every = architectures.every_position_model(lm)
+    assert every.trainable_weights == lm.trainable_weights  # shared
+    windows = np.array([[0, 0, 4, 5, 6], [7, 8, 9, 10, 11]], "int32")
+    probs = ops.convert_to_numpy(every(windows))
+    assert probs.shape == (2, 5, 30)
+    for row, window in enumerate(windows):
+        for slot in np.flatnonzero(window):
+            # The serving context of slot's prediction: the window's words
+            # up to the slot, right-aligned.
+            words = window[: slot + 1][window[: slot + 1] > 0]
+            context = np.zeros((1, 5), "int32")
+            context[0, 5 - len(words) :] = words
+            np.testing.assert_allclose(
+                probs[row, slot], ops.convert_to_numpy(lm(context))[0],
+                atol=1e-6,
+            )  # fmt: skip
+
+
+def test_window_loss_and_metrics_count_each_weighted_target_once():
+    lm = architectures.build_transformer_model(
+        vocab_size=30, max_seq_len=5, embed_dim=8, num_layers=1, num_heads=2,
+        num_experts=4, hidden_dim=6, seed=0, aux_loss_weight=0.0,
+    )  # fmt: skip
+    every = architectures.every_position_model(lm)
+    architectures.compile_model(every, 1e-3)
+    rng = np.random.default_rng(0)
+    windows = rng.integers(1, 30, size=(4, 5)).astype("int32")
+    windows[0, :3] = 0  # left padding
+    targets = rng.integers(1, 30, size=(4, 5)).astype("int32")
+    targets[0, :3] = 0  # padding: no target
+    targets[1, :2] = 0  # another window's targets
+    targets[2, 0] = 1  # out-of-vocabulary: a target, always a miss
+    weights = (targets != 0).astype("float32")
+    probs = ops.convert_to_numpy(every(windows))
+    mine = targets != 0
+    expected = next_word_metrics(probs[mine], targets[mine])
+    # Uneven targets per batch: the weighted metrics are exact.
+    metrics = every.evaluate(
+        windows, targets, sample_weight=weights, batch_size=2, verbose=0,
+        return_dict=True,
+    )  # fmt: skip
+    for name in ("accuracy", "top5_accuracy", "perplexity"):
+        np.testing.assert_allclose(metrics[name], expected[name], rtol=1e-5)
+    # The loss is the mean over the targets of one batch, padding left out.
+    one_batch = every.evaluate(
+        windows, targets, sample_weight=weights, batch_size=4, verbose=0,
+        return_dict=True,
+    )  # fmt: skip
+    np.testing.assert_allclose(
+        one_batch["loss"], np.log(expected["perplexity"]), rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("positions", ["all", "last"])
+def test_train_transformer_then_serve_end_to_end(
+    tmp_path, lm_corpus_file, positions
+):
+    out = tmp_path / "bundle"
+    flags = [
+        "--corpus", lm_corpus_file, "--output", out, *LM_TINY_FLAGS,
+        *TRANSFORMER_FLAGS, "--train-positions", positions,
+    ]  # fmt: skip
+    trained = run_script("model.py", *flags)
     assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "Warning" not in trained.stderr, trained.stderr[-3000:]
     assert "val top-1" in trained.stdout.splitlines()[-1]
     summary = json.loads((out / "training.json").read_text())
     assert summary["config"]["architecture"] == "transformer"
+    assert summary["config"]["train_positions"] == positions
     assert summary["config"]["num_layers"] == 1
     assert (out / "max_seq_len.txt").read_text().strip() == "3"
 
@@ -83,3 +155,17 @@ def test_train_transformer_then_serve_end_to_end(tmp_path, lm_corpus_file):
     assert served.stdout.splitlines() == predictor.predict_next(queries)
     # Never the padding or out-of-vocabulary token.
     assert set(served.stdout.split()) <= set(predictor.tokenizer.vocabulary)
+
+    # Whatever it trained on, the reported validation is the serving task:
+    # the next word after each held-out context.
+    config = model.with_defaults(model.parse_args(list(map(str, flags))))
+    _, tokens, starts, _, val_pos = model.prepare_data(
+        config, model.load_corpus(config)
+    )
+    contexts = data.contexts(tokens, val_pos, starts[val_pos], 3)
+    probs = predictor.model.predict(contexts, verbose=0)
+    expected = next_word_metrics(probs, tokens[val_pos])
+    for name in ("accuracy", "top5_accuracy", "perplexity"):
+        np.testing.assert_allclose(
+            summary["validation"][name], expected[name], rtol=1e-5
+        )

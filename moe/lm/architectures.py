@@ -89,8 +89,10 @@ def build_transformer_model(
     vocabulary from the representation at the last position: contexts are
     left-padded, so the last slot is always the most recent word, and causal
     attention lets it see the whole context. Padding (id 0) is masked out
-    of attention and not routed. With `routing="hash"` each position is
-    routed by its token id.
+    of attention and not routed, and positions count from the first real
+    word. With `routing="hash"` each position is routed by its token id.
+    `every_position_model` makes the model that trains it on every
+    position at once.
 
     Args:
         moe_kwargs: further `moe.MoELayer` arguments (`capacity_factor`,
@@ -102,7 +104,12 @@ def build_transformer_model(
     """
     inputs = keras.Input((max_seq_len,), dtype="int32", name="context")
     padding_mask = ops.not_equal(inputs, 0)  # (batch, max_seq_len)
-    positions = ops.cumsum(ops.ones_like(inputs), axis=1) - 1  # 0, 1, ...
+    # Positions count from the first real word (padding gets 0, and is
+    # masked): a prefix has the same positions right-aligned in a serving
+    # context as at the start of a training window (`every_position_model`).
+    positions = ops.maximum(
+        ops.cumsum(ops.cast(padding_mask, "int32"), axis=1) - 1, 0
+    )
     token_embedding = keras.layers.Embedding(
         vocab_size, embed_dim, name="token_embedding"
     )
@@ -133,6 +140,24 @@ def build_transformer_model(
     return keras.Model(inputs, outputs, name="transformer_moe_lm")
 
 
+def every_position_model(model: keras.Model) -> keras.Model:
+    """The Transformer `model` predicting the next word at every position.
+
+    Shares every layer (and so every weight) with `model`, and maps a window
+    `(batch, max_seq_len)` to probabilities `(batch, max_seq_len,
+    vocab_size)`: slot `j`'s are those `model` gives for the words up to
+    slot `j` as its context (causal attention, positions from the first
+    real word). Training it on `data.make_window_dataset` trains `model` on
+    every target of a window in one step instead of on the last one only.
+
+    Args:
+        model: a model from `build_transformer_model`.
+    """
+    final_norm = model.get_layer("final_norm").output
+    outputs = model.get_layer("next_word")(final_norm)
+    return keras.Model(model.input, outputs, name=f"{model.name}_windows")
+
+
 def compile_model(
     model: keras.Model,
     learning_rate: float,
@@ -140,6 +165,10 @@ def compile_model(
     jit_compile: bool | str = "auto",
 ) -> None:
     """Adam, sparse cross-entropy and the next-word metrics.
+
+    Works for `(context, next word)` pairs and for weighted windows
+    (`data.make_window_dataset` with `every_position_model`): target 0
+    (padding) is left out of the loss, and the metrics are weighted.
 
     Args:
         model: the model to compile.
@@ -155,8 +184,8 @@ def compile_model(
         steps_per_execution=steps_per_execution,
         jit_compile=jit_compile,
         optimizer=keras.optimizers.Adam(learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=[
+        loss=keras.losses.SparseCategoricalCrossentropy(ignore_class=0),
+        weighted_metrics=[
             keras.metrics.MeanMetricWrapper(
                 real_word_top_k_hits, name="accuracy", k=1
             ),
@@ -177,9 +206,9 @@ def real_word_top_k_hits(y_true, y_pred, k=1):
     than `k` real words score strictly higher (one comparison per word,
     cheaper than a top-k).
     """
-    y_true = ops.cast(ops.reshape(y_true, (-1,)), "int32")
-    target_scores = ops.take_along_axis(y_pred, y_true[:, None], axis=-1)
-    higher = ops.greater(y_pred[:, NUM_RESERVED:], target_scores)
+    y_true = _targets(y_true, y_pred)
+    target_scores = ops.take_along_axis(y_pred, y_true[..., None], axis=-1)
+    higher = ops.greater(y_pred[..., NUM_RESERVED:], target_scores)
     rank = ops.sum(ops.cast(higher, "int32"), axis=-1)  # among real words
     hits = ops.logical_and(rank < k, y_true >= NUM_RESERVED)
     return ops.cast(hits, "float32")
@@ -197,11 +226,20 @@ class Perplexity(keras.metrics.Mean):
         super().__init__(name=name, **kwargs)
 
     def update_state(self, y_true, y_pred, sample_weight=None):
-        y_true = ops.cast(ops.reshape(y_true, (-1,)), "int32")
-        target_probs = ops.take_along_axis(y_pred, y_true[:, None], axis=-1)
+        y_true = _targets(y_true, y_pred)
+        target_probs = ops.take_along_axis(y_pred, y_true[..., None], axis=-1)
         epsilon = keras.config.epsilon()
-        target_probs = ops.clip(target_probs[:, 0], epsilon, 1.0 - epsilon)
+        target_probs = ops.clip(target_probs[..., 0], epsilon, 1.0 - epsilon)
         super().update_state(-ops.log(target_probs), sample_weight)
 
     def result(self):
         return ops.exp(super().result())
+
+
+def _targets(y_true, y_pred):
+    # int32 targets shaped like `y_pred` less its vocabulary axis (Keras may
+    # hand pairs' targets over as `(batch, 1)`).
+    y_true = ops.cast(y_true, "int32")
+    if len(y_true.shape) == len(y_pred.shape):
+        y_true = ops.squeeze(y_true, axis=-1)
+    return y_true

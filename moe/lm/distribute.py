@@ -228,28 +228,33 @@ def distribute_options(dataset):
     return dataset.with_options(options)
 
 
-def whole_batches(dataset, num_pairs: int, batch_size: int):
+def whole_batches(dataset, num_examples: int, batch_size: int):
     """The training `dataset` without its last, partial batch.
 
     Under a strategy every step splits one global batch over the replicas.
     A partial last batch would give them unequal shares, and the
     embedding's sparse gradients, all-gathered across replicas, must have
     the same shape on each (TensorFlow aborts the collective otherwise).
-    Shuffling changes which pairs wait for the next epoch.
+    Shuffling changes which examples wait for the next epoch.
+
+    Args:
+        num_examples: examples (pairs or windows) in the epoch, or the
+            fewest an epoch has when it varies: every epoch then takes
+            `num_examples // batch_size` steps, a number known in advance.
 
     Raises:
-        StrategyError: fewer than `batch_size` pairs.
+        StrategyError: fewer than `batch_size` examples.
     """
     import tensorflow as tf
 
-    steps = num_pairs // batch_size
+    steps = num_examples // batch_size
     if steps == 0:
         raise StrategyError(
-            f"--batch-size {batch_size} is more than the {num_pairs} "
-            "training pairs; a distributed step needs one whole global "
+            f"--batch-size {batch_size} is more than the {num_examples} "
+            "training examples; a distributed step needs one whole global "
             "batch: lower --batch-size"
         )
-    whole = dataset.filter(lambda x, y: tf.shape(y)[0] == batch_size)
+    whole = dataset.take(steps)
     return whole.apply(tf.data.experimental.assert_cardinality(steps))
 
 
