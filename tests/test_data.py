@@ -171,7 +171,7 @@ def test_windows_hold_every_target_once_with_its_sentence_context(
     ordered = data.make_window_dataset(
         tokens, starts, positions, max_seq_len, 7
     )
-    for x, y, w in ordered.as_numpy_iterator():
+    for x, y, _ in ordered.as_numpy_iterator():
         last = y[:, -1] - 1
         full = np.minimum(max_seq_len, last - starts[last])
         assert np.array_equal((x > 0).sum(axis=1), full)
