@@ -27,6 +27,8 @@ def test_max_seq_len_defaults_per_architecture():
     assert model.with_defaults(explicit).max_seq_len == 5
     assert model.with_defaults(model.Config()).train_positions == "last"
     assert model.with_defaults(transformer).train_positions == "all"
+    assert model.with_defaults(model.Config()).learning_rate == 3e-3
+    assert model.with_defaults(transformer).learning_rate == 1e-3
 
 
 @pytest.mark.parametrize(
