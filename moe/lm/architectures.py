@@ -167,8 +167,10 @@ def compile_model(
     """Adam, sparse cross-entropy and the next-word metrics.
 
     Works for `(context, next word)` pairs and for weighted windows
-    (`data.make_window_dataset` with `every_position_model`): target 0
-    (padding) is left out of the loss, and the metrics are weighted.
+    (`data.make_window_dataset` with `every_position_model`, whose output
+    has a position axis): there target 0 (padding, or another window's
+    target) is left out of the loss, a mean over the batch's targets, and
+    the metrics are weighted.
 
     Args:
         model: the model to compile.
@@ -180,11 +182,14 @@ def compile_model(
             `"auto"` (Keras's rule) leaves XLA off on CPU-only TensorFlow
             and under `tf.distribute`.
     """
+    loss = "sparse_categorical_crossentropy"
+    if len(model.output.shape) == 3:  # (batch, positions, vocabulary)
+        loss = keras.losses.SparseCategoricalCrossentropy(ignore_class=0)
     model.compile(
         steps_per_execution=steps_per_execution,
         jit_compile=jit_compile,
         optimizer=keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(ignore_class=0),
+        loss=loss,
         weighted_metrics=[
             keras.metrics.MeanMetricWrapper(
                 real_word_top_k_hits, name="accuracy", k=1
