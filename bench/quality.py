@@ -71,14 +71,14 @@ class TrainingTimeBudget(keras.callbacks.Callback):
         self.seconds = seconds
         self.spent = 0.0
         self.steps = 0
-        self._epoch_start_steps = 0
         self._since = None
 
     def on_train_batch_end(self, batch, logs=None):
         # With `steps_per_execution` > 1 Keras calls this once per
-        # execution, with `batch` = the index of its last step.
+        # execution; the optimizer counts the steps themselves (an epoch's
+        # last execution may run fewer than `steps_per_execution`).
         now = time.perf_counter()
-        self.steps = self._epoch_start_steps + batch + 1
+        self.steps = int(self.model.optimizer.iterations)
         if self._since is not None:
             self.spent += now - self._since
         self._since = now
@@ -89,7 +89,6 @@ class TrainingTimeBudget(keras.callbacks.Callback):
         self._since = None  # validation is not training time
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_start_steps = self.steps
         if epoch > 0:
             self._since = time.perf_counter()
 
