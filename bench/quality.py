@@ -23,7 +23,7 @@ first step, which traces the graph, are not counted). Every model trains
 with `--seed`, so a rerun differs only by how many steps fit in the time.
 
 Usage:
-    python bench/quality.py                   # ~11 min on 2 CPU cores
+    python bench/quality.py                   # ~2 min on 2 CPU cores
     python bench/quality.py --quick           # 15 s per model, ~2 min
     python bench/quality.py --seconds 120 --json /tmp/quality.json
     python bench/quality.py --transformer-flags="--num-layers 3"
