@@ -31,15 +31,14 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TWO_LOGICAL_CPUS = """
-import sys
+import runpy, sys
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
     cpu, [tf.config.LogicalDeviceConfiguration()] * 2
 )
 sys.argv[0] = "model.py"
-import model
-sys.exit(model.main(sys.argv[1:]))
+runpy.run_path("model.py", run_name="__main__")
 """
 SUMMARY = re.compile(r"(\d+) epochs in ([\d.]+) s")
 

@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import shlex
-import sys
 import tempfile
 import time
 import warnings
@@ -43,12 +42,11 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-import model as model_cli  # noqa: E402  (the repository's model.py)
+from moe.lm import cli, training  # noqa: E402
 from moe.lm.data import contexts  # noqa: E402
 from moe.lm.tokenizer import NUM_RESERVED  # noqa: E402
 
@@ -147,7 +145,7 @@ def ngram_baseline(tokens, starts, train_pos, val_pos, order) -> dict:
 def contender_flags(transformer_flags: list[str]) -> dict[str, list[str]]:
     """`model.py` flags of each neural contender."""
     moe_flags = ["--architecture", "transformer", *transformer_flags]
-    moe_config = model_cli.parse_args(moe_flags)
+    moe_config = cli.parse_training_args(moe_flags)
     top_k = moe_config.top_k or 2
     dense_flags = moe_flags + [
         "--num-experts", "1", "--top-k", "1", "--routing", "soft",
@@ -184,7 +182,7 @@ def parameter_counts(model) -> dict:
 
 
 def train_contender(name, flags, args, workdir) -> dict:
-    config = model_cli.parse_args(
+    config = cli.parse_training_args(
         [
             "--corpus", str(args.corpus),
             "--seed", str(args.seed),
@@ -195,7 +193,7 @@ def train_contender(name, flags, args, workdir) -> dict:
         ]
     )  # fmt: skip
     budget = TrainingTimeBudget(args.seconds)
-    summary = model_cli.train(config, verbose=0, callbacks=[budget])
+    summary = training.train(config, verbose=0, callbacks=[budget])
     from moe.lm.bundle import load_bundle
 
     params = parameter_counts(load_bundle(config.output).model)
@@ -240,12 +238,12 @@ def main(argv=None):
         parser.error(f"no corpus at {args.corpus}; pass --corpus PATH")
 
     started = time.perf_counter()
-    config = model_cli.parse_args(
+    config = cli.parse_training_args(
         ["--corpus", str(args.corpus),
          "--validation-split", str(args.validation_split)]
     )  # fmt: skip
-    tokenizer, tokens, starts, train_pos, val_pos = model_cli.prepare_data(
-        config, model_cli.load_corpus(config)
+    tokenizer, tokens, starts, train_pos, val_pos = training.prepare_data(
+        config, training.load_corpus(config)
     )
     print(
         f"{args.corpus.name}: {len(tokens)} words, vocabulary "

@@ -35,7 +35,6 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
 
 QUERIES = [
     "how are",
@@ -53,14 +52,15 @@ QUICK_SIZES = {"embed_dim": 16, "hidden_dim": 16, "num_experts": 2}
 def train_bundle(directory: Path, quick: bool) -> Path:
     """Trains model.py's model on the built-in corpus into `directory`.
 
-    In this process, through `model.train` (what `python model.py` runs):
-    model.py's defaults, or 1 epoch of a tiny model with `quick`.
+    In this process, through `moe.lm.training.train` (what `python model.py`
+    runs): model.py's defaults, or 1 epoch of a tiny model with `quick`.
     """
-    import model as model_cli
+    from moe.lm import training
 
     out = directory / "saved_model"
     overrides = {"epochs": 1, **QUICK_SIZES} if quick else {}
-    model_cli.train(model_cli.Config(output=str(out), **overrides), verbose=0)
+    config = training.TrainingConfig(output=str(out), **overrides)
+    training.train(config, verbose=0)
     return out
 
 

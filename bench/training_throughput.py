@@ -1,9 +1,10 @@
 """Training throughput of model.py's real pipeline: tokenize, tf.data, fit.
 
-Reuses `model.py` itself (`Config`, `load_corpus`, `prepare_data`, `build`)
-and `moe.lm.data.make_dataset` / `moe.lm.architectures.compile_model`, and
-calls `model.fit` exactly as `model.train` does (validation included), with a
-callback that times each epoch's training steps. Reported per configuration:
+Reuses what `model.py` runs (`moe.lm.training`: `TrainingConfig`,
+`load_corpus`, `prepare_data`, `make_datasets`, `build`) and
+`moe.lm.architectures.compile_model`, and calls `model.fit` exactly as
+`training.train` does (validation included), with a callback that times each
+epoch's training steps. Reported per configuration:
 
 - data preparation: reading the corpus + `Tokenizer.fit` + token stream +
   pair positions (`prepare_data`), and building the tf.data pipelines;
@@ -32,18 +33,16 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
 
 import keras  # noqa: E402
 
-import model as model_cli  # noqa: E402
+from moe.lm import training  # noqa: E402
 
 DEFAULT_CORPUS = REPO_ROOT.parent / "shared" / "corpora" / "alice.txt"
 CONFIGS = {
@@ -71,7 +70,7 @@ def matmul_flops_per_s(size=1024, repeats=7):
 def run_config(name, overrides, steps_per_execution, args, flops_per_s):
     from moe.lm import architectures
 
-    config = model_cli.Config(
+    config = training.TrainingConfig(
         corpus=[str(args.corpus)] if args.corpus else None,
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -80,26 +79,26 @@ def run_config(name, overrides, steps_per_execution, args, flops_per_s):
         seed=1337,
         **overrides,
     )
-    model_cli.validate(config)
-    config = model_cli.with_defaults(config)
+    training.validate(config)
+    config = training.with_defaults(config)
     start = time.perf_counter()
-    texts = model_cli.load_corpus(config)
-    tokenizer, tokens, starts, train_pos, val_pos = model_cli.prepare_data(
+    texts = training.load_corpus(config)
+    tokenizer, tokens, starts, train_pos, val_pos = training.prepare_data(
         config, texts
     )
     prepare_s = time.perf_counter() - start
     start = time.perf_counter()
     keras.utils.set_random_seed(config.seed)
-    train_ds, val_ds = model_cli.make_datasets(
+    train_ds, val_ds = training.make_datasets(
         config, tokens, starts, train_pos, val_pos
     )
     dataset_s = time.perf_counter() - start
-    model = model_cli.build(config, tokenizer.vocab_size)
+    model = training.build(config, tokenizer.vocab_size)
     architectures.compile_model(
         model,
         config.learning_rate,
         steps_per_execution=steps_per_execution,
-        jit_compile=model_cli.jit_compile(config),
+        jit_compile=training.jit_compile(config),
     )
     timer = EpochTimer()
     model.fit(
@@ -127,7 +126,7 @@ def run_config(name, overrides, steps_per_execution, args, flops_per_s):
         "max_seq_len": config.max_seq_len,
         "batch_size": config.batch_size,
         "steps_per_execution": steps_per_execution,
-        "jit_compile": model_cli.jit_compile(config),
+        "jit_compile": training.jit_compile(config),
         "vocab_size": tokenizer.vocab_size,
         "tokens": int(len(tokens)),
         "train_pairs": pairs,

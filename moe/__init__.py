@@ -1,25 +1,38 @@
-"""`moe`: truly sparse, serializable Mixture-of-Experts layers for Keras 3."""
+"""`moe`: truly sparse, serializable Mixture-of-Experts layers for Keras 3.
 
-from moe.distribution import expert_layout_map, expert_parallel
-from moe.gating_network import GatingNetwork
-from moe.moe_layer import MoELayer
-from moe.transformer import MoETransformerBlock
+The public names are imported on first use (PEP 562), so `import moe` and
+`import moe.lm.tokenizer` stay cheap: importing Keras imports its backend
+(TensorFlow), which takes seconds, and the next-word CLIs check their input
+before paying for it. If Keras is already imported, the layers are imported
+at once, so that `keras.saving.load_model` finds them registered.
+"""
 
-__all__ = [
-    "GatingNetwork",
-    "MoELayer",
-    "MoETransformerBlock",
-    "custom_objects",
-    "expert_layout_map",
-    "expert_parallel",
-]
+import sys
+
+from moe._lazy import exports
+
+# Public name -> the module that defines it.
+_PUBLIC = {
+    "GatingNetwork": "moe.gating_network",
+    "MoELayer": "moe.moe_layer",
+    "MoETransformerBlock": "moe.transformer",
+    "expert_layout_map": "moe.distribution",
+    "expert_parallel": "moe.distribution",
+}
+# The registered Keras classes: what `custom_objects` returns.
+_LAYERS = ("GatingNetwork", "MoELayer", "MoETransformerBlock")
+
+__all__ = sorted([*_PUBLIC, "custom_objects"])
 __version__ = "0.1.0"
+
+
+__getattr__, __dir__ = exports(__name__, _PUBLIC)
 
 
 def custom_objects():
     """The `custom_objects` dict for `keras.saving.load_model`."""
-    return {
-        "GatingNetwork": GatingNetwork,
-        "MoELayer": MoELayer,
-        "MoETransformerBlock": MoETransformerBlock,
-    }
+    return {name: __getattr__(name) for name in _LAYERS}
+
+
+if sys.modules.get("keras") is not None:  # Keras is loaded already
+    custom_objects()

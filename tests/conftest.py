@@ -1,16 +1,16 @@
 """Shared fixtures for the next-word application tests (`moe.lm`)."""
 
+import functools
 import os
+import runpy
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# `model.py` and `serve.py` live at the top of the repository.
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 # A tiny, repetitive corpus: a few epochs learn it well enough to check
 # that predictions are sensible words.
@@ -31,9 +31,24 @@ LM_TINY_FLAGS = [
 ]  # fmt: skip
 
 
+@functools.cache
+def load_script(name: str) -> types.SimpleNamespace:
+    """The functions of `model.py` or `serve.py`, to call in this process.
+
+    The file is run (not as `__main__`) and its globals returned: no
+    `sys.path` edit, no module named after the script.
+    """
+    return types.SimpleNamespace(**runpy.run_path(str(REPO_ROOT / name)))
+
+
+# Settings `model.py` and `serve.py` choose unless the user does; a test
+# process may have them from loading a script (`load_script`).
+SCRIPT_DEFAULTS = ("TF_CPP_MIN_LOG_LEVEL", "TF_CPU_ALLOCATOR_USE_BFC")
+
+
 def script_env() -> dict:
-    """The environment of a user who did not set TF_CPP_MIN_LOG_LEVEL."""
-    return {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    """The environment of a user who set none of `SCRIPT_DEFAULTS`."""
+    return {k: v for k, v in os.environ.items() if k not in SCRIPT_DEFAULTS}
 
 
 def run_script(*args, timeout=180, **kwargs) -> subprocess.CompletedProcess:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -13,13 +14,14 @@ from conftest import (
     LM_TINY_CORPUS,
     LM_TINY_FLAGS,
     REPO_ROOT,
+    load_script,
     run_script,
     script_env,
 )
 
-import model
-import serve
-from moe.lm import bundle
+from moe.lm import bundle, cli, training
+from moe.lm.predictor import NextWordPredictor
+from moe.lm.training_config import TrainingConfig
 
 
 def test_train_then_serve_end_to_end(lm_trained, lm_corpus_file):
@@ -40,8 +42,10 @@ def test_train_then_serve_end_to_end(lm_trained, lm_corpus_file):
     }  # fmt: skip
     assert {"keras", "tensorflow", "numpy"} <= set(training["versions"])
     assert "trained_at" in training
+    # model.py chose TensorFlow's BFC allocator for the user.
+    assert training["runtime"] == {"tf_cpu_allocator": "bfc"}
 
-    predictor = serve.NextWordPredictor.load(out)
+    predictor = NextWordPredictor.load(out)
     vocabulary = set(predictor.tokenizer.vocabulary)
     queries = ["the cat sat on", "how are", "qqq"]
     cli = run_script("serve.py", "--model-dir", out, *queries)
@@ -80,20 +84,78 @@ def test_train_then_serve_end_to_end(lm_trained, lm_corpus_file):
 
 def test_flags_map_one_to_one_to_config():
     help_text = run_script("model.py", "--help").stdout
-    for field in dataclasses.fields(model.Config):
+    for field in dataclasses.fields(TrainingConfig):
         assert "--" + field.name.replace("_", "-") in help_text
-    config = model.parse_args(["--top-k", "1", "--capacity-factor", "1.5"])
-    assert config == model.Config(top_k=1, capacity_factor=1.5)
+    config = cli.parse_training_args(
+        ["--top-k", "1", "--capacity-factor", "1.5"]
+    )
+    assert config == TrainingConfig(top_k=1, capacity_factor=1.5)
+
+
+def test_the_documented_flags_exist():
+    # docs/app.md lists the most-used flags and defers to --help for the
+    # rest: each one it lists must be a real flag.
+    docs = (REPO_ROOT / "docs" / "app.md").read_text()
+    table = docs.split("## Training: `python model.py`")[1].split("\n\n")[2]
+    listed = re.findall(r"^\| `(--[a-z-]+)", table, re.MULTILINE)
+    assert len(listed) == 10
+    flags = set(cli.training_parser()._option_string_actions)
+    assert set(listed) <= flags, set(listed) - flags
+
+
+BLOCK_TENSORFLOW = """
+import runpy, sys
+# Importing any of these now fails: the run must not need them.
+for name in ("keras", "tensorflow", "jax", "torch"):
+    sys.modules[name] = None
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["model.py", "--help"], None),
+        (["model.py", "--epochs", "x"], "invalid int value"),
+        (["model.py", "--epochs", "0"], "--epochs must be at least 1"),
+        (["model.py", "--corpus", "missing.txt"], "file not found"),
+        (["model.py", "--output", "model.py"], "is a file"),
+        (["model.py", "--learning-rate", "inf"], "must be a finite number"),
+        (["serve.py", "--model-dir", "missing", "hi"], "no trained model"),
+        (["serve.py", "--http", "--port", "70000"], "--port must be 0-65535"),
+    ],
+)
+def test_cheap_checks_answer_before_tensorflow_loads(argv, expected):
+    # Keras (and so TensorFlow) cannot be imported in this run: these
+    # answers come from checks that need neither.
+    result = run_script("-c", BLOCK_TENSORFLOW, *argv, timeout=60)
+    assert "Traceback" not in result.stderr, result.stderr
+    if expected is None:
+        assert result.returncode == 0 and "--hidden-dim" in result.stdout
+    else:
+        assert result.returncode in (1, 2)
+        assert expected in result.stderr.strip().splitlines()[-1]
+
+
+def test_importing_the_application_does_not_load_keras():
+    code = (
+        "import sys, moe, moe.lm, moe.lm.cli, moe.lm.training, "
+        "moe.lm.bundle, moe.lm.server; "
+        "print(sorted({'keras', 'tensorflow'} & set(sys.modules)))"
+    )
+    result = run_script("-c", code, timeout=60)
+    assert result.stdout.strip() == "[]", result.stderr
 
 
 def test_same_seed_same_vocabulary_and_metrics(tmp_path, lm_corpus_file):
     runs = []
     for name in ("a", "b"):
-        config = model.parse_args(
+        config = cli.parse_training_args(
             ["--corpus", str(lm_corpus_file), "--output", str(tmp_path / name)]
             + LM_TINY_FLAGS
         )
-        runs.append(model.train(config, verbose=0))
+        runs.append(training.train(config, verbose=0))
     assert (tmp_path / "a" / "tokenizer.json").read_text() == (
         tmp_path / "b" / "tokenizer.json"
     ).read_text()
@@ -150,15 +212,15 @@ def _bad_inputs(tmp, bundle_dir):
         ),
         "hierarchical_no_groups": (
             ["model.py", *out, "--routing", "hierarchical"],
-            "--num-groups must be set",
+            "needs --num-groups",
         ),
         "groups_not_dividing": (
             ["model.py", *out, "--routing", "hierarchical", "--num-groups=3"],
-            "divide --num-experts (4)",
+            "divides --num-experts (4)",
         ),
         "expert_choice_top_k": (
             ["model.py", *out, "--routing", "expert_choice", "--top-k", "2"],
-            "leave `top_k` unset",
+            "leave --top-k unset",
         ),
         "zero_epochs": (["model.py", *out, "--epochs", "0"], "--epochs"),
         "bad_split": (
@@ -176,7 +238,7 @@ def _bad_inputs(tmp, bundle_dir):
         ),
         "corrupt_model": (
             ["serve.py", "--model-dir", corrupt_model, "hi"],
-            "cannot load",
+            "not a complete .keras archive",
         ),
         "corrupt_tokenizer": (
             ["serve.py", "--model-dir", corrupt_tok, "hi"],
@@ -235,8 +297,7 @@ def check_one_line_error(code, stdout, stderr, expected):
 @pytest.mark.parametrize("name", ALL_BAD_INPUTS)
 def test_bad_input_via_main(bad_inputs, name, capsys):
     argv, expected = bad_inputs[name]
-    script = {"model.py": model, "serve.py": serve}[argv[0]]
-    code = script.main([str(a) for a in argv[1:]])
+    code = load_script(argv[0]).main([str(a) for a in argv[1:]])
     captured = capsys.readouterr()
     check_one_line_error(code, captured.out, captured.err, expected)
 
@@ -276,7 +337,8 @@ def test_interrupted_training_keeps_the_old_bundle(tmp_path, lm_trained):
         f"model.py: interrupted; {target} left unchanged"
     ]
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    hidden = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert hidden == [".saved_model.lock"]  # no temporary folder left
     assert bundle.load_bundle(target).max_seq_len == 3
 
 
@@ -284,30 +346,33 @@ def test_an_interrupt_python_dropped_still_stops_training(
     tmp_path, lm_corpus_file
 ):
     # A KeyboardInterrupt raised inside a finalizer (`__del__`) is printed
-    # and dropped by Python, and training would go on to save. `main`'s
-    # Ctrl-C handler also sets `model.INTERRUPTED`: here it is set with no
-    # exception at all, and training must still stop before saving.
+    # and dropped by Python, and training would go on to save. `model.py`'s
+    # Ctrl-C handler also sets `train`'s `interrupted` event: here it is set
+    # with no exception at all, and training must still stop before saving.
+    import threading
+
     import keras
 
     output = tmp_path / "saved_model"
-    config = model.parse_args(
+    config = cli.parse_training_args(
         ["--corpus", str(lm_corpus_file), "--output", str(output)]
         + LM_TINY_FLAGS
     )
+    interrupted = threading.Event()
     lost_interrupt = keras.callbacks.LambdaCallback(
-        on_epoch_begin=lambda epoch, logs: model.INTERRUPTED.set()
+        on_epoch_begin=lambda epoch, logs: interrupted.set()
     )
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            model.train(config, verbose=0, callbacks=[lost_interrupt])
-    finally:
-        model.INTERRUPTED.clear()
+    with pytest.raises(KeyboardInterrupt):
+        training.train(
+            config, verbose=0, callbacks=[lost_interrupt],
+            interrupted=interrupted,
+        )  # fmt: skip
     assert not output.exists()
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".saved_model.lock"]
 
 
 def test_dropped_interrupts_are_not_reported_as_errors(capsys, monkeypatch):
-    # While `main` runs, `sys.unraisablehook` keeps quiet about the dropped
+    # While training, `sys.unraisablehook` keeps quiet about the dropped
     # interrupts only: other errors in finalizers are still printed.
     class RaisesWhenCollected:
         def __init__(self, exc):
@@ -316,7 +381,7 @@ def test_dropped_interrupts_are_not_reported_as_errors(capsys, monkeypatch):
         def __del__(self):
             raise self.exc
 
-    monkeypatch.setattr(sys, "unraisablehook", model._ignore_dropped_interrupts)
+    monkeypatch.setattr(sys, "unraisablehook", cli.ignore_dropped_interrupts)
     obj = RaisesWhenCollected(KeyboardInterrupt())
     del obj
     assert capsys.readouterr().err == ""

@@ -30,10 +30,9 @@ tf.config.set_logical_device_configuration(
     cpu, [tf.config.LogicalDeviceConfiguration()] * 2
 )
 import keras
-import model
-from moe.lm import architectures, data, distribute
+from moe.lm import architectures, data, distribute, training
 
-config = model.Config(
+config = training.TrainingConfig(
     corpus=[sys.argv[1]], batch_size=16, max_seq_len=3, embed_dim=8,
     hidden_dim=8, num_experts=4, seed=7, validation_split=0.2,
     # The load-balancing loss multiplies two batch means, so each replica's
@@ -41,8 +40,8 @@ config = model.Config(
     # the task loss are means over inputs and split exactly.
     aux_loss_weight=0.0,
 )
-tokenizer, tokens, starts, train, _ = model.prepare_data(
-    config, model.load_corpus(config)
+tokenizer, tokens, starts, train, _ = training.prepare_data(
+    config, training.load_corpus(config)
 )
 train = train[: len(train) // 16 * 16]  # whole global batches only
 
@@ -53,7 +52,7 @@ def trajectory(strategy):
         tokens, starts, train, 3, config.batch_size, shuffle_seed=7
     )
     with strategy.scope():
-        net = model.build(config, tokenizer.vocab_size)
+        net = training.build(config, tokenizer.vocab_size)
         architectures.compile_model(net, 3e-3)
     steps = []
     record = keras.callbacks.LambdaCallback(
@@ -95,16 +94,15 @@ def test_mirrored_two_devices_follow_the_one_device_trajectory(
 
 
 MIRRORED_CLI_SCRIPT = """
-import sys
+import runpy, sys
 import tensorflow as tf
 
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
     cpu, [tf.config.LogicalDeviceConfiguration()] * 2
 )
-import model
-
-sys.exit(model.main(sys.argv[1:]))
+sys.argv[0] = "model.py"
+runpy.run_path("model.py", run_name="__main__")
 """
 
 
@@ -131,9 +129,12 @@ def test_model_py_trains_on_two_mirrored_replicas(
 
 
 WORKER_SCRIPT = """
-import functools, sys
+import sys
 import keras, numpy as np
-import model
+from moe.lm import cli, distribute, training
+
+# The strategy first: a cluster is joined before TensorFlow sets up devices.
+strategy = distribute.make_strategy("multi-worker")
 
 
 class SaveWeights(keras.callbacks.Callback):
@@ -142,8 +143,11 @@ class SaveWeights(keras.callbacks.Callback):
         np.savez(sys.argv[1], *self.model.get_weights())
 
 
-model.train = functools.partial(model.train, callbacks=[SaveWeights()])
-sys.exit(model.main(sys.argv[2:]))
+config = cli.parse_training_args(sys.argv[2:])
+summary = training.train(
+    config, verbose=0, callbacks=[SaveWeights()], strategy=strategy
+)
+print(training.summary_line(summary))
 """
 
 
@@ -219,7 +223,7 @@ def test_multi_worker_two_processes_agree_and_only_the_chief_saves(
     # Only the chief wrote, atomically; its bundle loads and holds them.
     assert not outputs[1].exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["chief_model", "weights_0.npz", "weights_1.npz"]
+        ["chief_model", ".chief_model.lock", "weights_0.npz", "weights_1.npz"]
         + ["worker_0.log", "worker_1.log"]
     )
     from moe.lm import bundle

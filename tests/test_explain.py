@@ -4,6 +4,7 @@
 import keras
 import numpy as np
 import pytest
+from conftest import load_script
 
 from moe.lm import architectures
 from moe.lm.explain import ExplainedModel, experts_by_row
@@ -134,7 +135,7 @@ def test_predictor_explain_per_layer_for_a_transformer():
 
 
 def test_cli_explain(lm_trained, lm_predictor, capsys):
-    import serve
+    serve = load_script("serve.py")
 
     texts = ["how are", "the cat"]
     assert serve.main(["--explain", "--model-dir", str(lm_trained[0]),

@@ -6,6 +6,7 @@ import random
 import keras
 import numpy as np
 import pytest
+from conftest import load_script
 
 from moe.lm.export import ExportError, export_saved_model, graph_words
 from moe.lm.tokenizer import NUM_RESERVED, split_words
@@ -95,7 +96,7 @@ def test_export_refuses_a_non_empty_directory(lm_trained, tmp_path):
 
 
 def test_cli_export_errors_are_one_line(lm_trained, tmp_path, capsys):
-    import serve
+    serve = load_script("serve.py")
 
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("")

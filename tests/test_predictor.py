@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from moe.lm.predictor import next_word_metrics
+from moe.lm.metrics import next_word_metrics
 from moe.lm.tokenizer import NUM_RESERVED, split_sentences
 
 QUERIES = [
@@ -32,7 +32,8 @@ def test_answers_are_real_words_never_pad_or_oov(lm_predictor):
     vocabulary = set(lm_predictor.tokenizer.vocabulary)
     for word in lm_predictor.predict_next(QUERIES):
         assert word in vocabulary
-    for word, _ in lm_predictor.top("zzz qqq", 50):
+    real_words = len(lm_predictor.tokenizer.vocabulary)
+    for word, _ in lm_predictor.top("zzz qqq", real_words):
         assert word in vocabulary
 
 
@@ -78,7 +79,7 @@ def test_top_is_sorted_and_matches_the_model(lm_predictor):
 def test_empty_query_is_rejected(lm_predictor):
     with pytest.raises(ValueError, match="empty query"):
         lm_predictor.predict_next("  ,!  ")
-    with pytest.raises(ValueError, match="must be at least 1"):
+    with pytest.raises(ValueError, match="`n` must be between 1 and 20"):
         lm_predictor.top("the", 0)
 
 

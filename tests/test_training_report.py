@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from conftest import LM_TINY_FLAGS
 
-import model
-from moe.lm import architectures, bundle
+from moe.lm import architectures, bundle, cli, training
 from moe.lm.expert_load import ExpertLoadCallback, expert_load
 
 
@@ -78,9 +77,9 @@ def test_expert_load_with_nothing_kept_is_zero():
     assert expert_load([route], [3]) == [[0.0, 0.0, 0.0]]
 
 
-def flags_config(**changes) -> model.Config:
+def flags_config(**changes) -> training.TrainingConfig:
     flags = dict(zip(LM_TINY_FLAGS[::2], LM_TINY_FLAGS[1::2]))
-    config = model.parse_args([f for kv in flags.items() for f in kv])
+    config = cli.parse_training_args([f for kv in flags.items() for f in kv])
     return dataclasses.replace(config, **changes)
 
 
@@ -95,7 +94,7 @@ def test_tensorboard_logs_the_per_expert_load(tmp_path, lm_corpus_file):
         top_k=1,
         epochs=1,
     )
-    summary = model.train(config, verbose=0)
+    summary = training.train(config, verbose=0)
     scalars = {}
     for path in (logs / "expert_load").glob("events.out.tfevents.*"):
         for event in tf.compat.v1.train.summary_iterator(str(path)):

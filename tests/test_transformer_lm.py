@@ -10,9 +10,10 @@ import pytest
 from conftest import LM_TINY_FLAGS, run_script
 from keras import ops
 
-import model
-from moe.lm import architectures, data
-from moe.lm.predictor import NextWordPredictor, next_word_metrics
+from moe.lm import architectures, cli, data, training
+from moe.lm.metrics import next_word_metrics
+from moe.lm.predictor import NextWordPredictor
+from moe.lm.training_config import TrainingConfig, with_defaults
 
 TRANSFORMER_FLAGS = [
     "--architecture", "transformer", "--num-layers", "1", "--num-heads", "2",
@@ -20,15 +21,15 @@ TRANSFORMER_FLAGS = [
 
 
 def test_max_seq_len_defaults_per_architecture():
-    assert model.with_defaults(model.Config()).max_seq_len == 1
-    transformer = model.Config(architecture="transformer")
-    assert model.with_defaults(transformer).max_seq_len == 8
-    explicit = model.Config(architecture="transformer", max_seq_len=5)
-    assert model.with_defaults(explicit).max_seq_len == 5
-    assert model.with_defaults(model.Config()).train_positions == "last"
-    assert model.with_defaults(transformer).train_positions == "all"
-    assert model.with_defaults(model.Config()).learning_rate == 3e-3
-    assert model.with_defaults(transformer).learning_rate == 1e-3
+    assert with_defaults(TrainingConfig()).max_seq_len == 1
+    transformer = TrainingConfig(architecture="transformer")
+    assert with_defaults(transformer).max_seq_len == 8
+    explicit = TrainingConfig(architecture="transformer", max_seq_len=5)
+    assert with_defaults(explicit).max_seq_len == 5
+    assert with_defaults(TrainingConfig()).train_positions == "last"
+    assert with_defaults(transformer).train_positions == "all"
+    assert with_defaults(TrainingConfig()).learning_rate == 3e-3
+    assert with_defaults(transformer).learning_rate == 1e-3
 
 
 @pytest.mark.parametrize(
@@ -36,14 +37,22 @@ def test_max_seq_len_defaults_per_architecture():
     [
         (
             ["--architecture", "transformer", "--num-heads", "3"],
-            "--num-heads must divide --embed-dim (64). Received: 3",
+            "a multiple of --num-heads (3). Received: "
+            "input_shape=(None, 8, 64)",
         ),
-        (["--num-layers", "0"], "--num-layers must be at least 1. Received: 0"),
-        (["--dropout", "1"], "--dropout must be in [0, 1). Received: 1.0"),
+        (
+            ["--num-layers", "0"],
+            "--num-layers must be at least 1. Received: num_layers=0",
+        ),
+        (
+            ["--architecture", "transformer", "--dropout", "1"],
+            "--dropout must be in [0, 1). Received: dropout=1.0",
+        ),
         (
             ["--train-positions", "all"],
-            "--train-positions all needs --architecture transformer (the "
-            "pooled model predicts once per context). Received: all",
+            '--train-positions "all" needs --architecture "transformer" '
+            "(pooled predicts once per context). Received: "
+            "train_positions='all'",
         ),
     ],
 )
@@ -51,7 +60,8 @@ def test_bad_transformer_flags_are_one_line_errors(tmp_path, flags, message):
     out = tmp_path / "never_written"
     result = run_script("model.py", "--output", out, *flags)
     assert result.returncode == 1
-    assert result.stderr.strip() == f"model.py: error: {message}"
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("model.py: error: ") and line.endswith(message)
     assert not out.exists()
 
 
@@ -160,9 +170,9 @@ def test_train_transformer_then_serve_end_to_end(
 
     # Whatever it trained on, the reported validation is the serving task:
     # the next word after each held-out context.
-    config = model.with_defaults(model.parse_args(list(map(str, flags))))
-    _, tokens, starts, _, val_pos = model.prepare_data(
-        config, model.load_corpus(config)
+    config = with_defaults(cli.parse_training_args(list(map(str, flags))))
+    _, tokens, starts, _, val_pos = training.prepare_data(
+        config, training.load_corpus(config)
     )
     contexts = data.contexts(tokens, val_pos, starts[val_pos], 3)
     probs = predictor.model.predict(contexts, verbose=0)

@@ -1,4 +1,4 @@
-"""The next-word model and its metrics.
+"""The next-word models, their per-architecture defaults, and compiling.
 
 `pooled`: Embedding(mask_zero) -> GlobalAveragePooling1D -> MoELayer ->
 Dense softmax over the vocabulary. The mask keeps left padding out of the
@@ -7,13 +7,47 @@ average; the MoE layer routes each pooled context to its experts.
 `transformer`: token + position embeddings -> N `moe.MoETransformerBlock`s
 (causal self-attention, MoE feed-forward routed per position) -> layer norm
 -> the last position -> Dense softmax.
+
+Keras is imported inside the builders: `ARCHITECTURES` is read by the
+command line's checks, which answer before TensorFlow loads.
 """
 
-import keras
-from keras import ops
+import dataclasses
+from typing import TYPE_CHECKING
 
-import moe
-from moe.lm.tokenizer import NUM_RESERVED
+if TYPE_CHECKING:
+    import keras
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchitectureDefaults:
+    """What an architecture uses for the settings left unset.
+
+    Attributes:
+        max_seq_len: the context window. The pooled trunk averages its
+            context, so words before the last one blur it; the Transformer
+            attends by position and uses a longer context.
+        train_positions: `"all"`: a causal Transformer learns the next word
+            at every position of a window in one step; `"last"`: one
+            prediction per context (the pooled trunk has no other).
+        learning_rate: Adam's learning rate (`bench/quality.py` compares
+            them; see bench/README.md).
+    """
+
+    max_seq_len: int
+    train_positions: str
+    learning_rate: float
+
+
+ARCHITECTURES = {
+    "pooled": ArchitectureDefaults(1, "last", 3e-3),
+    "transformer": ArchitectureDefaults(8, "all", 1e-3),
+}
+TRAIN_POSITIONS = ("all", "last")
+# The longest context a model takes, in words. The Transformer's attention
+# grows with its square, and a window dataset's epoch cuts windows at every
+# offset below it.
+MAX_SEQ_LEN = 1024
 
 
 def build_model(
@@ -29,7 +63,7 @@ def build_model(
     seed: int | None = None,
     num_groups: int | None = None,
     num_shared_experts: int = 0,
-) -> keras.Model:
+) -> "keras.Model":
     """Builds the (uncompiled) pooled next-word model.
 
     With `routing="hash"` the MoE layer routes each context by the id of its
@@ -40,6 +74,10 @@ def build_model(
         A model mapping int32 contexts `(batch, max_seq_len)` to next-word
         probabilities `(batch, vocab_size)`.
     """
+    import keras
+
+    import moe
+
     inputs = keras.Input((max_seq_len,), dtype="int32", name="context")
     x = keras.layers.Embedding(
         vocab_size, embed_dim, mask_zero=True, name="embedding"
@@ -79,7 +117,7 @@ def build_transformer_model(
     dropout: float = 0.0,
     seed: int | None = None,
     **moe_kwargs,
-) -> keras.Model:
+) -> "keras.Model":
     """Builds the (uncompiled) causal MoE Transformer next-word model.
 
     Token + learned position embeddings, `num_layers`
@@ -102,6 +140,11 @@ def build_transformer_model(
         A model mapping int32 contexts `(batch, max_seq_len)` to next-word
         probabilities `(batch, vocab_size)`, like `build_model`'s.
     """
+    import keras
+    from keras import ops
+
+    import moe
+
     inputs = keras.Input((max_seq_len,), dtype="int32", name="context")
     padding_mask = ops.not_equal(inputs, 0)  # (batch, max_seq_len)
     # Positions count from the first real word (padding gets 0, and is
@@ -140,7 +183,7 @@ def build_transformer_model(
     return keras.Model(inputs, outputs, name="transformer_moe_lm")
 
 
-def every_position_model(model: keras.Model) -> keras.Model:
+def every_position_model(model: "keras.Model") -> "keras.Model":
     """The Transformer `model` predicting the next word at every position.
 
     Shares every layer (and so every weight) with `model`, and maps a window
@@ -153,13 +196,15 @@ def every_position_model(model: keras.Model) -> keras.Model:
     Args:
         model: a model from `build_transformer_model`.
     """
+    import keras
+
     final_norm = model.get_layer("final_norm").output
     outputs = model.get_layer("next_word")(final_norm)
     return keras.Model(model.input, outputs, name=f"{model.name}_windows")
 
 
 def compile_model(
-    model: keras.Model,
+    model: "keras.Model",
     learning_rate: float,
     steps_per_execution: int = 1,
     jit_compile: bool | str = "auto",
@@ -182,6 +227,10 @@ def compile_model(
             `"auto"` (Keras's rule) leaves XLA off on CPU-only TensorFlow
             and under `tf.distribute`.
     """
+    import keras
+
+    from moe.lm.metrics import Perplexity, real_word_top_k_hits
+
     loss = "sparse_categorical_crossentropy"
     if len(model.output.shape) == 3:  # (batch, positions, vocabulary)
         loss = keras.losses.SparseCategoricalCrossentropy(ignore_class=0)
@@ -202,49 +251,27 @@ def compile_model(
     )
 
 
-def real_word_top_k_hits(y_true, y_pred, k=1):
-    """1.0 where the target is among the `k` most probable real words.
+def count_parameters(
+    architecture: str,
+    vocab_size: int,
+    max_seq_len: int,
+    embed_dim: int,
+    num_experts: int,
+    hidden_dim: int,
+    num_shared_experts: int = 0,
+    num_layers: int = 1,
+    **unused,
+) -> int:
+    """About how many weights `architecture`'s model has, without building it.
 
-    Padding and out-of-vocabulary never count as predictions (as in
-    serving), and an out-of-vocabulary target is always a miss. Ties count
-    as hits, as in `keras.ops.in_top_k`: the target is a hit when fewer
-    than `k` real words score strictly higher (one comparison per word,
-    cheaper than a top-k).
+    The large matrices only (embeddings, attention, experts, the output
+    layer); `model.count_params()` is a little higher. Other arguments of
+    the builders are accepted and ignored.
     """
-    y_true = _targets(y_true, y_pred)
-    target_scores = ops.take_along_axis(y_pred, y_true[..., None], axis=-1)
-    higher = ops.greater(y_pred[..., NUM_RESERVED:], target_scores)
-    rank = ops.sum(ops.cast(higher, "int32"), axis=-1)  # among real words
-    hits = ops.logical_and(rank < k, y_true >= NUM_RESERVED)
-    return ops.cast(hits, "float32")
-
-
-class Perplexity(keras.metrics.Mean):
-    """exp(mean cross-entropy of the next word), from probabilities.
-
-    The cross-entropy is `-log p(target)` (clipped to Keras's epsilon, as
-    `keras.losses.sparse_categorical_crossentropy` clips): one gathered
-    probability per pair rather than a second full cross-entropy.
-    """
-
-    def __init__(self, name="perplexity", **kwargs):
-        super().__init__(name=name, **kwargs)
-
-    def update_state(self, y_true, y_pred, sample_weight=None):
-        y_true = _targets(y_true, y_pred)
-        target_probs = ops.take_along_axis(y_pred, y_true[..., None], axis=-1)
-        epsilon = keras.config.epsilon()
-        target_probs = ops.clip(target_probs[..., 0], epsilon, 1.0 - epsilon)
-        super().update_state(-ops.log(target_probs), sample_weight)
-
-    def result(self):
-        return ops.exp(super().result())
-
-
-def _targets(y_true, y_pred):
-    # int32 targets shaped like `y_pred` less its vocabulary axis (Keras may
-    # hand pairs' targets over as `(batch, 1)`).
-    y_true = ops.cast(y_true, "int32")
-    if len(y_true.shape) == len(y_pred.shape):
-        y_true = ops.squeeze(y_true, axis=-1)
-    return y_true
+    experts = (num_experts + num_shared_experts) * 2 * embed_dim * hidden_dim
+    ends = vocab_size * embed_dim * 2 + vocab_size  # embedding, next_word
+    if architecture == "transformer":
+        attention = 4 * embed_dim * embed_dim
+        positions = max_seq_len * embed_dim
+        return ends + positions + num_layers * (attention + experts)
+    return ends + experts

@@ -39,17 +39,22 @@ def read_text(path: str | Path, encoding: str = "utf-8") -> str:
         raise CorpusError(f"{path} is a directory, not a text file") from None
     except OSError as e:
         raise CorpusError(f"cannot read {path}: {e.strerror}") from None
-    if b"\x00" in data:
-        raise CorpusError(f"{path} looks like a binary file, not text")
     try:
-        return data.decode(encoding)
+        text = data.decode(encoding)
     except LookupError:
         raise CorpusError(f"unknown text encoding: {encoding!r}") from None
     except UnicodeDecodeError as e:
         raise CorpusError(
             f"{path} is not valid {encoding} text (byte {e.start}); "
-            "pass --encoding if it uses another encoding"
+            "pass `encoding` if it uses another encoding"
         ) from None
+    # After decoding: UTF-16 and UTF-32 text is full of NUL bytes.
+    if "\x00" in text:
+        raise CorpusError(
+            f"{path} looks like a binary file, not {encoding} text (pass "
+            "`encoding` if it is text in another encoding, e.g. utf-16)"
+        )
+    return text
 
 
 def token_stream(

@@ -142,7 +142,7 @@ def make_window_dataset(
     padding, have target 0 and weight 0. In stream order every position in
     `positions` is a target exactly once, as in `make_dataset`; a shuffled
     epoch has the batches of `window_count` windows, and leaves the few
-    windows past them (at most 1.7% on alice.txt) for another epoch.
+    windows past them for another epoch.
 
     Args:
         tokens, starts: the stream from `corpus.token_stream`.

@@ -34,12 +34,15 @@ def routed_layers(model: keras.Model) -> list:
     ]
 
 
+def moe_layer_of(layer):
+    """The `moe.MoELayer` of a routed layer: itself, or a block's `.moe`."""
+    inner = getattr(layer, "moe", None)
+    return layer if inner is None else inner
+
+
 def experts_of(layer) -> int:
     """The number of experts of a routed layer (or of the MoE inside it)."""
-    for sublayer in [layer, *layer._flatten_layers(include_self=False)]:
-        if hasattr(sublayer, "num_experts"):
-            return int(sublayer.num_experts)
-    raise ValueError(f"layer {layer.name!r} has no `num_experts`")
+    return int(moe_layer_of(layer).num_experts)
 
 
 class ExplainedModel(keras.Model):

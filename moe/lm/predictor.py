@@ -1,20 +1,23 @@
 """`NextWordPredictor`: a trained bundle behind a batched, compiled call."""
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import keras
 import numpy as np
 
-from moe.lm.bundle import load_bundle
+from moe.lm.bundle import ModelOutputError, load_bundle
 from moe.lm.corpus import pair_positions, token_stream
 from moe.lm.data import contexts
+from moe.lm.metrics import EPSILON, next_word_metrics
 from moe.lm.tokenizer import NUM_RESERVED, OOV_ID, Tokenizer
 
 # Batch sizes the compiled call sees: a batch is padded up to the next one,
 # so at most len(BUCKETS) traces ever happen. Bigger batches are chunked.
 BUCKETS = (1, 8, 64, 512)
-# Keras's cross-entropy clips probabilities the same way.
-EPSILON = 1e-7
+# The most words one `generate` call continues a text by: each is a model
+# call, one after the other.
+MAX_GENERATE = 10_000
 
 
 class NextWordPredictor:
@@ -36,7 +39,8 @@ class NextWordPredictor:
         self.model = model
         self.tokenizer = tokenizer
         self.max_seq_len = int(max_seq_len)
-        self._predict = self._compile()
+        self._predict = _compiled(model, self.max_seq_len)
+        self._explained_fn = None
 
     @classmethod
     def load(cls, model_dir: str | Path = "saved_model") -> "NextWordPredictor":
@@ -47,40 +51,6 @@ class NextWordPredictor:
         """
         bundle = load_bundle(model_dir)
         return cls(bundle.model, bundle.tokenizer, bundle.max_seq_len)
-
-    def _compile(self):
-        """`(tokens, ends, begins) -> probabilities`, compiled once."""
-        model, max_seq_len = self.model, self.max_seq_len
-        if keras.backend.backend() == "tensorflow":
-            import tensorflow as tf
-
-            # One concrete function for every batch size: calling it skips
-            # tf.function's per-call signature matching (a quarter of the
-            # CPU time of a one-query call; bench/serving_latency.py).
-            spec = tf.TensorSpec([None], tf.int32)
-
-            @tf.function(
-                input_signature=[spec] * 3, jit_compile=False, autograph=False
-            )
-            def predict(tokens, ends, begins):
-                inputs = contexts(tokens, ends, begins, max_seq_len)
-                return model(inputs, training=False)
-
-            concrete = predict.get_concrete_function()
-
-            def run(*args):
-                args = [np.asarray(a, np.int32) for a in args]
-                return concrete(*args).numpy()
-
-            return run
-
-        # Other backends: contexts on the host, then Keras's compiled
-        # (jitted on JAX) predict step.
-        def predict(tokens, ends, begins):
-            inputs = contexts(tokens, ends, begins, max_seq_len).numpy()
-            return keras.ops.convert_to_numpy(model.predict_on_batch(inputs))
-
-        return predict
 
     def encode(self, text: str) -> list[int]:
         """Word ids of `text`.
@@ -111,7 +81,7 @@ class NextWordPredictor:
 
     def _probabilities(self, queries: list[list[int]]) -> np.ndarray:
         """Lays the queries end to end as one stream and runs the model."""
-        return self._predict(*self._stream(queries))[: len(queries)]
+        return _finite(self._predict(*self._stream(queries))[: len(queries)])
 
     def _stream(self, queries: list[list[int]]):
         """`(tokens, ends, begins)` of queries padded to a bucket."""
@@ -136,9 +106,12 @@ class NextWordPredictor:
         return words[0] if single else words
 
     def top(self, text: str, n: int = 5) -> list[tuple[str, float]]:
-        """The `n` most probable next words with their probabilities."""
-        if n < 1:
-            raise ValueError(f"`n` must be at least 1. Received: n={n}")
+        """The `n` most probable next words with their probabilities.
+
+        Raises:
+            ValueError: `n` is not between 1 and the number of real words.
+        """
+        self._check_top("n", n)
         probs = self.probabilities([text])[0, NUM_RESERVED:]
         order = np.argsort(-probs, kind="stable")[:n]
         words = self.tokenizer.decode((order + NUM_RESERVED).tolist())
@@ -167,15 +140,14 @@ class NextWordPredictor:
         """
         from moe.lm.explain import experts_by_row
 
-        if top < 1:
-            raise ValueError(f"`top` must be at least 1. Received: top={top}")
+        self._check_top("top", top)
         queries = [self.encode(t)[-self.max_seq_len :] for t in texts]
         explained, names = self._explained()
         results, size = [], BUCKETS[-1]
         for start in range(0, len(queries), size):
             chunk = queries[start : start + size]
             probs, routes = explained(*self._stream(chunk))
-            probs = probs[: len(chunk), NUM_RESERVED:]
+            probs = _finite(probs[: len(chunk)])[:, NUM_RESERVED:]
             for row in range(len(chunk)):
                 order = np.argsort(-probs[row], kind="stable")[:top]
                 words = self.tokenizer.decode((order + NUM_RESERVED).tolist())
@@ -194,45 +166,27 @@ class NextWordPredictor:
                 results.append(result)
         return results
 
+    def _check_top(self, name: str, n: int) -> None:
+        real_words = self.tokenizer.vocab_size - NUM_RESERVED
+        if not 1 <= n <= real_words:
+            raise ValueError(
+                f"`{name}` must be between 1 and {real_words} (the real "
+                f"words of the vocabulary). Received: {name}={n}"
+            )
+
     def _explained(self):
         """`(tokens, ends, begins) -> (probabilities, routes)` (NumPy), names.
 
-        Built on first use and kept: `ExplainedModel` compiled as `_compile`
-        compiles the plain prediction.
+        Built on first use and kept (compiled as the plain prediction is).
         """
-        if getattr(self, "_explained_fn", None) is not None:
-            return self._explained_fn
-        from moe.lm.explain import ExplainedModel
+        if self._explained_fn is None:
+            from moe.lm.explain import ExplainedModel
 
-        model, max_seq_len = ExplainedModel(self.model), self.max_seq_len
-        if keras.backend.backend() == "tensorflow":
-            import tensorflow as tf
-
-            spec = tf.TensorSpec([None], tf.int32)
-
-            @tf.function(
-                input_signature=[spec] * 3, jit_compile=False, autograph=False
+            model = ExplainedModel(self.model)
+            self._explained_fn = (
+                _compiled(model, self.max_seq_len),
+                model.layer_names,
             )
-            def run(tokens, ends, begins):
-                return model(contexts(tokens, ends, begins, max_seq_len))
-
-            concrete = run.get_concrete_function()  # as in `_compile`
-
-            def explained(*args):
-                args = [np.asarray(a, np.int32) for a in args]
-                return tf.nest.map_structure(
-                    lambda t: t.numpy(), concrete(*args)
-                )
-        else:
-
-            def explained(tokens, ends, begins):
-                inputs = contexts(tokens, ends, begins, max_seq_len).numpy()
-                outputs = model.predict_on_batch(inputs)
-                return keras.tree.map_structure(
-                    keras.ops.convert_to_numpy, outputs
-                )
-
-        self._explained_fn = explained, model.layer_names
         return self._explained_fn
 
     def generate(
@@ -242,26 +196,52 @@ class NextWordPredictor:
         temperature: float | None = None,
         seed: int | None = None,
     ) -> list[str]:
-        """Continues `text` by `num_words` words.
+        """Continues `text` by `num_words` words (see `generate_words`)."""
+        return list(self.generate_words(text, num_words, temperature, seed))
+
+    def generate_words(
+        self,
+        text: str,
+        num_words: int,
+        temperature: float | None = None,
+        seed: int | None = None,
+    ) -> Iterator[str]:
+        """The words continuing `text`, one at a time as they are predicted.
 
         Greedy by default; with `temperature > 0`, samples from the real-word
         probabilities sharpened (< 1) or flattened (> 1) by `temperature`.
+
+        Raises:
+            ValueError: `text` has no words, `num_words` is not between 1 and
+                `MAX_GENERATE`, or `temperature` is not a finite number > 0
+                (checked at once, before the first word).
         """
+        if not 1 <= num_words <= MAX_GENERATE:
+            raise ValueError(
+                f"`num_words` must be between 1 and {MAX_GENERATE}. "
+                f"Received: num_words={num_words}"
+            )
+        if temperature is not None and not (
+            np.isfinite(temperature) and temperature > 0
+        ):
+            raise ValueError(
+                "`temperature` must be a finite number > 0. Received: "
+                f"temperature={temperature}"
+            )
         ids = self.encode(text)
+        return self._continue(ids, num_words, temperature, seed)
+
+    def _continue(self, ids, num_words, temperature, seed) -> Iterator[str]:
         rng = np.random.default_rng(seed)
-        words = []
         for _ in range(num_words):
             context = [ids[-self.max_seq_len :]]
             probs = self._probabilities(context)[0, NUM_RESERVED:]
             if temperature:
-                logits = np.log(np.maximum(probs, EPSILON)) / temperature
-                weights = np.exp(logits - logits.max())
-                index = rng.choice(len(weights), p=weights / weights.sum())
+                index = rng.choice(len(probs), p=_sharpened(probs, temperature))
             else:
                 index = int(np.argmax(probs))
             ids.append(index + NUM_RESERVED)
-            words.append(self.tokenizer.decode([ids[-1]])[0])
-        return words
+            yield self.tokenizer.decode([ids[-1]])[0]
 
     def evaluate(self, text: str) -> dict:
         """Next-word top-1 / top-5 accuracy and perplexity on `text`.
@@ -289,22 +269,57 @@ class NextWordPredictor:
         return next_word_metrics(np.concatenate(probs), tokens[positions])
 
 
-def next_word_metrics(probs: np.ndarray, targets: np.ndarray) -> dict:
-    """Accuracy, top-5 accuracy and perplexity from probabilities (NumPy).
+def _sharpened(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """`probs ** (1 / temperature)`, normalised, without overflow.
 
-    The same definitions as the training metrics in `architectures`.
+    In log space relative to the largest probability: every value is at
+    most 0 before the division, so no temperature turns it into NaN.
     """
-    rows = np.arange(len(targets))
-    scores = probs.copy()
-    scores[:, :NUM_RESERVED] = -1.0
-    target_scores = scores[rows, targets]
-    # Ties count as hits, as in `keras.ops.in_top_k`.
-    rank = np.sum(scores > target_scores[:, None], axis=-1)
-    real = targets >= NUM_RESERVED
-    p = np.clip(probs[rows, targets], EPSILON, 1.0 - EPSILON)
-    return {
-        "pairs": int(len(targets)),
-        "accuracy": float(np.mean(real & (rank < 1))),
-        "top5_accuracy": float(np.mean(real & (rank < 5))),
-        "perplexity": float(np.exp(np.mean(-np.log(p)))),
-    }
+    logits = np.log(np.maximum(probs.astype(np.float64), EPSILON))
+    weights = np.exp((logits - logits.max()) / temperature)
+    return weights / weights.sum()
+
+
+def _finite(probs: np.ndarray) -> np.ndarray:
+    if not np.isfinite(probs).all():
+        raise ModelOutputError(
+            "the model produced NaN or infinite probabilities, so it has no "
+            "answer — retrain it with `python model.py`"
+        )
+    return probs
+
+
+def _compiled(model, max_seq_len: int):
+    """`(tokens, ends, begins) -> model(contexts)`, in and out NumPy.
+
+    TensorFlow: one concrete function for every batch size, so a call skips
+    `tf.function`'s signature matching (`bench/serving_latency.py` times a
+    call). Other backends: contexts on the host, then Keras's compiled
+    (jitted on JAX) predict step.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        spec = tf.TensorSpec([None], tf.int32)
+
+        @tf.function(
+            input_signature=[spec] * 3, jit_compile=False, autograph=False
+        )
+        def call(tokens, ends, begins):
+            inputs = contexts(tokens, ends, begins, max_seq_len)
+            return model(inputs, training=False)
+
+        concrete = call.get_concrete_function()
+
+        def run(*args):
+            outputs = concrete(*[np.asarray(a, np.int32) for a in args])
+            return tf.nest.map_structure(lambda t: t.numpy(), outputs)
+
+        return run
+
+    def run(tokens, ends, begins):
+        inputs = contexts(tokens, ends, begins, max_seq_len).numpy()
+        outputs = model.predict_on_batch(inputs)
+        return keras.tree.map_structure(keras.ops.convert_to_numpy, outputs)
+
+    return run

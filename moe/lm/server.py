@@ -18,7 +18,15 @@ request (or until `max_batch` instances wait), runs ONE predictor call in a
 single worker thread (off the event loop) and hands each request its rows.
 
 Every client error is a 4xx with a JSON body `{"error": "..."}` and the
-server keeps serving; only a bug is a 500.
+server keeps serving; a bug, or a model that produces NaN, is a 500 with a
+JSON body. Bodies are always valid JSON (never a bare `NaN`).
+
+Slow or many clients cannot pile up: a request must arrive whole (line and
+headers) within `header_timeout_s` of its connection opening (or of the
+previous response on a kept-alive connection), its body within
+`body_timeout_s`; past `max_pending` requests in progress, new ones get
+503. Request bodies are decoded and tokenized off the event loop, so large
+requests do not delay `/healthz`.
 
 Example:
     app = create_app(NextWordPredictor.load("saved_model"))
@@ -36,6 +44,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from moe.lm.bundle import ModelOutputError
 from moe.lm.tokenizer import NUM_RESERVED
 
 MODEL_NAME = "moe"
@@ -43,6 +52,8 @@ PREDICT_PATH = f"/v1/models/{MODEL_NAME}:predict"
 METADATA_PATH = f"/v1/models/{MODEL_NAME}"
 HEALTH_PATH = "/healthz"
 ROUTES = f"POST {PREDICT_PATH}, GET {METADATA_PATH}, GET {HEALTH_PATH}"
+# The most digits of a number in a request body.
+MAX_DIGITS = 18
 
 log = logging.getLogger("moe.lm.server")
 BATCHER = web.AppKey("batcher", "MicroBatcher")
@@ -61,6 +72,10 @@ class ServerConfig:
             requests (each request is then its own call).
         batch_wait_ms: longest a request waits for others to share its
             model call.
+        max_pending: most predict requests in progress at once; more get
+            503 ("busy, retry").
+        header_timeout_s: longest wait for a whole request line and headers.
+        body_timeout_s: longest wait for a request body.
     """
 
     max_instances: int = 64
@@ -68,9 +83,13 @@ class ServerConfig:
     max_top: int = 100
     max_batch: int = 64
     batch_wait_ms: float = 2.0
+    max_pending: int = 256
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0
 
     def __post_init__(self):
-        for name in ("max_instances", "max_body_bytes", "max_top", "max_batch"):
+        for name in ("max_instances", "max_body_bytes", "max_top", "max_batch",
+                     "max_pending"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(
                     f"`{name}` must be at least 1. Received: "
@@ -81,6 +100,18 @@ class ServerConfig:
                 "`batch_wait_ms` must be between 0 and 1000. Received: "
                 f"batch_wait_ms={self.batch_wait_ms}"
             )
+        for name in ("header_timeout_s", "body_timeout_s"):
+            if not 0 < getattr(self, name) <= 3600:
+                raise ValueError(
+                    f"`{name}` must be > 0 and at most 3600. Received: "
+                    f"{name}={getattr(self, name)}"
+                )
+
+
+def check_port(port: int) -> None:
+    """Raises `ValueError` unless `port` is a TCP port (0: any free one)."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"`port` must be 0-65535. Received: port={port}")
 
 
 class RequestError(Exception):
@@ -252,22 +283,40 @@ def create_app(
         predictor.explain, config.max_batch, config.batch_wait_ms / 1000
     )
 
+    pending = 0
+
     async def predict(request: web.Request) -> web.Response:
-        body = await _read_json(request)
-        texts, top = _parse_predict(body, predictor, config, max_top)
-        predictions = await batcher.submit(texts, top)
-        return web.json_response({"predictions": predictions})
+        nonlocal pending
+        if pending >= config.max_pending:
+            raise RequestError(
+                f"the server is busy ({pending} requests in progress); "
+                "retry shortly",
+                status=503,
+            )
+        pending += 1
+        try:
+            body = await _read_body(request, config.body_timeout_s)
+            # Decoding and tokenizing a large body takes a while: off the
+            # event loop, in the loop's default thread pool.
+            texts, top = await asyncio.get_running_loop().run_in_executor(
+                None, _parse_predict, body, predictor, config, max_top
+            )
+            predictions = await batcher.submit(texts, top)
+        finally:
+            pending -= 1
+        return _json({"predictions": predictions})
 
     async def model_info(request: web.Request) -> web.Response:
-        return web.json_response(metadata)
+        return _json(metadata)
 
     async def health(request: web.Request) -> web.Response:
-        return web.json_response(
+        return _json(
             {
                 "status": "ok",
                 "requests": batcher.requests,
                 "instances": batcher.instances,
                 "model_calls": batcher.model_calls,
+                "pending": pending,
             }
         )
 
@@ -294,7 +343,8 @@ def model_metadata(predictor, training: dict, config: ServerConfig) -> dict:
     """What `GET /v1/models/moe` answers."""
     from moe.lm.explain import routed_layers
 
-    settings = training.get("config", {})
+    settings = training.get("config")
+    settings = settings if isinstance(settings, dict) else {}
     layers = [_layer_info(layer) for layer in routed_layers(predictor.model)]
     first = layers[0] if layers else {}
     return {
@@ -324,27 +374,29 @@ def model_metadata(predictor, training: dict, config: ServerConfig) -> dict:
 
 def _layer_info(layer) -> dict:
     """Name, experts and routing of a routed layer (or the MoE inside)."""
-    moe_layer = next(
-        (
-            sub
-            for sub in [layer, *layer._flatten_layers(include_self=False)]
-            if hasattr(sub, "num_experts") and hasattr(sub, "routing")
-        ),
-        None,
-    )
-    info = {"name": layer.name}
-    if moe_layer is not None:
-        info.update(
-            num_experts=int(moe_layer.num_experts),
-            experts_per_input=int(moe_layer.experts_per_input),
-            routing=moe_layer.routing,
-            capacity_factor=moe_layer.capacity_factor,
-        )
-    return info
+    from moe.lm.explain import moe_layer_of
+
+    moe_layer = moe_layer_of(layer)
+    return {
+        "name": layer.name,
+        "num_experts": int(moe_layer.num_experts),
+        "experts_per_input": int(moe_layer.experts_per_input),
+        "routing": moe_layer.routing,
+        "capacity_factor": moe_layer.capacity_factor,
+    }
 
 
-async def _read_json(request: web.Request):
-    body = await request.read()  # 413 past client_max_size
+async def _read_body(request: web.Request, timeout_s: float) -> bytes:
+    try:
+        # 413 past client_max_size
+        return await asyncio.wait_for(request.read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestError(
+            f"the body did not arrive within {timeout_s:g} s", status=408
+        ) from None
+
+
+def _decode_json(body: bytes):
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -352,11 +404,24 @@ async def _read_json(request: web.Request):
             f"the body is not UTF-8 (bad byte at {e.start})"
         ) from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(
+            text, parse_constant=_reject_constant, parse_int=_parse_int
+        )
     except json.JSONDecodeError as e:
         raise RequestError(f"the body is not valid JSON: {e}") from None
     except RecursionError:
         raise RequestError("the body's JSON is nested too deeply") from None
+
+
+def _parse_int(digits: str) -> int:
+    # Python refuses to convert more than 4300 digits (a ValueError); no
+    # field here needs more than a few.
+    if len(digits.lstrip("-")) > MAX_DIGITS:
+        raise RequestError(
+            f"the body has a number of {len(digits)} digits; numbers here "
+            f"have at most {MAX_DIGITS}"
+        )
+    return int(digits)
 
 
 def _reject_constant(name: str):
@@ -364,7 +429,8 @@ def _reject_constant(name: str):
 
 
 def _parse_predict(body, predictor, config, max_top) -> tuple[list, int]:
-    """`(texts, top)` of a predict request; `RequestError` if invalid."""
+    """`(texts, top)` of a predict request body; `RequestError` if invalid."""
+    body = _decode_json(body)
     if not isinstance(body, dict):
         raise RequestError(
             'the body must be a JSON object such as {"instances": ["how are"]}'
@@ -420,8 +486,20 @@ def _json_type(value) -> str:
     return names.get(type(value), type(value).__name__)
 
 
+def _json(data, status: int = 200, headers=None) -> web.Response:
+    # `allow_nan=False`: a NaN raises here (a 500) instead of going out as
+    # a bare `NaN`, which is not JSON.
+    return web.json_response(
+        data, status=status, headers=headers, dumps=_strict_dumps
+    )
+
+
+def _strict_dumps(data) -> str:
+    return json.dumps(data, allow_nan=False)
+
+
 def _error(status: int, message: str, headers=None) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers)
+    return _json({"error": message}, status=status, headers=headers)
 
 
 @web.middleware
@@ -447,6 +525,9 @@ async def _json_errors(request: web.Request, handler) -> web.StreamResponse:
         if e.status < 400:
             raise
         return _error(e.status, e.reason)
+    except ModelOutputError as e:  # a broken model, not a bug
+        log.error("%s %s: %s", request.method, request.path, e)
+        return _error(500, str(e))
     except Exception:
         log.exception("error answering %s %s", request.method, request.path)
         return _error(500, "internal server error")
@@ -468,7 +549,15 @@ async def serve(
         ready: called with the base URL once listening (port 0 picks a
             free port; the URL has the real one).
     """
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=10.0)
+    # aiohttp closes a connection on which no whole request arrived within
+    # `keepalive_timeout` of its opening or of the last response.
+    check_port(port)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=10.0,
+        keepalive_timeout=app[CONFIG].header_timeout_s,
+    )
     await runner.setup()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -491,6 +580,20 @@ async def serve(
         for sig in installed:
             loop.remove_signal_handler(sig)
         await runner.cleanup()
+
+
+def run(
+    predictor,
+    training: dict,
+    config: ServerConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    ready: Callable[[str], None] = print,
+) -> None:
+    """Warms the predictor up, then serves it until SIGINT / SIGTERM."""
+    warm_up(predictor, config.max_batch)
+    app = create_app(predictor, training, config)
+    asyncio.run(serve(app, host, port, ready=ready))
 
 
 def warm_up(predictor, max_batch: int) -> None:

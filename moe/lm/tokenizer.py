@@ -13,8 +13,8 @@ the same vocabulary. `tokenizer.json` alone reconstructs the tokenizer; it is
 plain, versioned JSON (no pickle).
 
 Pure Python on purpose: it imports nothing heavy, so both CLIs can check
-their input before loading TensorFlow, and it encodes a query in
-microseconds (the README compares it with `keras.layers.TextVectorization`).
+their input before loading TensorFlow, and a query is encoded without a
+TensorFlow call.
 """
 
 import collections
@@ -55,6 +55,15 @@ def split_words(text: str) -> list[str]:
     return [word for sentence in split_sentences(text) for word in sentence]
 
 
+def check_vocab_size(vocab_size: int) -> None:
+    """Raises `ValueError` unless `vocab_size` leaves room for a real word."""
+    if vocab_size < NUM_RESERVED + 1:
+        raise ValueError(
+            f"`vocab_size` must be at least {NUM_RESERVED + 1}. "
+            f"Received: vocab_size={vocab_size}"
+        )
+
+
 class Tokenizer:
     """Maps words to ids and back.
 
@@ -84,11 +93,7 @@ class Tokenizer:
             texts: strings to count words in.
             vocab_size: the most ids, padding and out-of-vocabulary included.
         """
-        if vocab_size < NUM_RESERVED + 1:
-            raise ValueError(
-                f"`vocab_size` must be at least {NUM_RESERVED + 1}. "
-                f"Received: vocab_size={vocab_size}"
-            )
+        check_vocab_size(vocab_size)
         counts = collections.Counter()
         for text in texts:
             counts.update(split_words(text))
@@ -144,6 +149,10 @@ class Tokenizer:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"not valid JSON ({e})") from None
+        except RecursionError:
+            raise ValueError(
+                "not a tokenizer file (too deeply nested)"
+            ) from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"not a tokenizer file (format != {FORMAT!r})")
         version = data.get("format_version")

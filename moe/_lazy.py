@@ -1,0 +1,37 @@
+"""Public names imported on first use (PEP 562), for `moe` and `moe.lm`.
+
+Importing Keras imports its backend (TensorFlow), which takes seconds; a
+package whose `__init__` imported its layers eagerly would make every
+`import moe.lm.x` pay for it, even where no layer is needed.
+"""
+
+import importlib
+import sys
+
+
+def exports(package: str, public: dict[str, str]):
+    """`__getattr__` and `__dir__` for `package`'s `public` names.
+
+    Args:
+        package: the package's `__name__`.
+        public: `{name: module that defines it}`.
+
+    Example (in a package's `__init__.py`):
+        __getattr__, __dir__ = exports(__name__, {"MoELayer": "moe.moe_layer"})
+    """
+    namespace = vars(sys.modules[package])
+
+    def __getattr__(name):
+        module = public.get(name)
+        if module is None:
+            raise AttributeError(
+                f"module {package!r} has no attribute {name!r}"
+            )
+        value = getattr(importlib.import_module(module), name)
+        namespace[name] = value  # found directly next time
+        return value
+
+    def __dir__():
+        return sorted({*namespace, *public})
+
+    return __getattr__, __dir__

@@ -1,0 +1,544 @@
+"""Training the next-word model: data, model, `train()`.
+
+`train(config)` (settings: `moe.lm.training_config.TrainingConfig`) checks
+the settings, reads the corpus, builds the tokenizer and the `tf.data`
+pipelines, trains, and saves the bundle; it returns the summary that
+`training.json` records.
+
+The checks run cheapest first, so that a mistake is reported before time
+is spent: `validate` (the settings it owns, the output folder and the
+TensorBoard folder; no TensorFlow) and reading the corpus answer in a
+fraction of a second; the layers check their own arguments when the model
+is built, after tokenization and a memory estimate, before training.
+
+A run never replaces a good bundle with a bad one: it locks the output
+folder for its whole length, stops on a non-finite loss
+(`keras.callbacks.TerminateOnNaN`), refuses to save non-finite weights,
+and writes the bundle atomically (`moe.lm.bundle.save_bundle`).
+
+Example:
+    from moe.lm.training import TrainingConfig, train
+
+    summary = train(TrainingConfig(corpus=["book.txt"], epochs=5))
+    summary["validation"]["perplexity"]
+"""
+
+import contextlib
+import dataclasses
+import math
+import os
+import threading
+import time
+from typing import NamedTuple
+
+import numpy as np
+
+from moe.lm import bundle, corpus, distribute
+from moe.lm.tokenizer import Tokenizer
+from moe.lm.training_config import (
+    ConfigError,
+    TrainingConfig,
+    validate,
+    with_defaults,
+)
+
+# Training memory per parameter: float32 weights, gradients and Adam's two
+# moments.
+BYTES_PER_PARAMETER = 16
+
+
+class TrainingError(RuntimeError):
+    """Training failed in a way the user can act on (diverged, memory)."""
+
+
+class PreparedData(NamedTuple):
+    """The tokenizer, the token stream and the target positions."""
+
+    tokenizer: Tokenizer
+    tokens: np.ndarray
+    starts: np.ndarray
+    train_positions: np.ndarray
+    val_positions: np.ndarray
+
+
+def load_corpus(config: TrainingConfig) -> list[str]:
+    """The corpus texts (raises `moe.lm.corpus.CorpusError`)."""
+    if not config.corpus:
+        return [corpus.default_corpus_text()]
+    return [corpus.read_text(p, config.encoding) for p in config.corpus]
+
+
+def prepare_data(config: TrainingConfig, texts: list[str]) -> PreparedData:
+    """Tokenizer, token stream and the train / validation target positions.
+
+    The validation positions are the targets in the last
+    `validation_split` fraction of the token stream (their contexts may
+    reach back into the training part, as when continuing a text).
+
+    Raises:
+        moe.lm.corpus.CorpusError: too few words for both parts.
+    """
+    tokenizer = Tokenizer.fit(texts, config.vocab_size)
+    tokens, starts = corpus.token_stream(tokenizer, texts)
+    if len(tokens) < 2:
+        raise corpus.CorpusError(
+            f"the corpus has {len(tokens)} word(s); at least 2 are needed"
+        )
+    split = len(tokens) - max(1, round(len(tokens) * config.validation_split))
+    positions = corpus.pair_positions(starts)
+    train, val = positions[positions < split], positions[positions >= split]
+    if len(train) == 0 or len(val) == 0:
+        raise corpus.CorpusError(
+            f"the corpus is too small: {len(tokens)} words give "
+            f"{len(train)} training and {len(val)} validation pairs; add "
+            "text or change `validation_split`"
+        )
+    return PreparedData(tokenizer, tokens, starts, train, val)
+
+
+def check_memory(config: TrainingConfig, vocab_size: int) -> int:
+    """Estimated training memory in bytes; refuses what this machine lacks.
+
+    The estimate: `BYTES_PER_PARAMETER` per weight
+    (`architectures.count_parameters`), plus the output layer's activations
+    (probabilities and their gradient, float32, for every predicted
+    position of a batch), plus the attention scores of the Transformer.
+
+    Raises:
+        ConfigError: more than the machine's physical memory.
+    """
+    from moe.lm import architectures
+
+    config = with_defaults(config)
+    parameters = architectures.count_parameters(
+        **model_arguments(config, vocab_size), architecture=config.architecture
+    )
+    positions = config.max_seq_len if config.train_positions == "all" else 1
+    needed = BYTES_PER_PARAMETER * parameters
+    needed += 2 * 4 * config.batch_size * positions * vocab_size
+    if config.architecture == "transformer":
+        scores = config.num_heads * config.max_seq_len**2 * config.num_layers
+        needed += 2 * 4 * config.batch_size * scores
+    available = physical_memory()
+    if available is not None and needed > available:
+        raise ConfigError(
+            f"the model needs about {needed / 2**30:.1f} GiB to train "
+            f"({parameters:,} parameters and the batch's activations), more "
+            f"than this machine's {available / 2**30:.1f} GiB: lower "
+            "`hidden_dim`, `embed_dim`, `num_experts`, `vocab_size` or "
+            "`batch_size`"
+        )
+    return needed
+
+
+def physical_memory() -> int | None:
+    """This machine's physical memory in bytes (`None` if unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def model_arguments(config: TrainingConfig, vocab_size: int) -> dict:
+    """The builder arguments of `config`'s model (`moe.lm.architectures`)."""
+    config = with_defaults(config)
+    arguments = dict(
+        vocab_size=vocab_size,
+        max_seq_len=config.max_seq_len,
+        embed_dim=config.embed_dim,
+        num_experts=config.num_experts,
+        hidden_dim=config.hidden_dim,
+        top_k=config.top_k,
+        routing=config.routing,
+        capacity_factor=config.capacity_factor,
+        aux_loss_weight=config.aux_loss_weight,
+        seed=config.seed,
+        num_groups=config.num_groups,
+        num_shared_experts=config.num_shared_experts,
+    )
+    if config.architecture == "transformer":
+        arguments.update(
+            num_layers=config.num_layers,
+            num_heads=config.num_heads,
+            dropout=config.dropout,
+        )
+    return arguments
+
+
+def build(config: TrainingConfig, vocab_size: int):
+    """The uncompiled model of `config.architecture`.
+
+    Raises:
+        ConfigError: a setting the layers reject, with their message (they
+            name their arguments, which are `TrainingConfig` fields).
+    """
+    from moe.lm import architectures
+
+    builder = {
+        "pooled": architectures.build_model,
+        "transformer": architectures.build_transformer_model,
+    }[config.architecture]
+    try:
+        return builder(**model_arguments(config, vocab_size))
+    except ValueError as e:  # the layers name their (our) arguments
+        raise ConfigError(str(e)) from None
+
+
+def jit_compile(config: TrainingConfig) -> bool | str:
+    """`keras.Model.compile`'s `jit_compile` for `config.jit_compile`.
+
+    `"auto"` is Keras's own rule (no XLA on CPU-only TensorFlow or under a
+    `tf.distribute` strategy, `jit` on JAX). XLA fuses the per-op overhead
+    that dominates the pooled model's step (the MoE layer then uses its
+    static padded-block dispatch, same outputs) but compiling the train and
+    evaluation steps takes long; `bench/training_throughput.py` measures
+    both.
+    """
+    if config.jit_compile == "auto":
+        return "auto"
+    return config.jit_compile == "on"
+
+
+def make_datasets(
+    config: TrainingConfig, tokens, starts, train_pos, val_pos, replicas=1
+):
+    """The shuffled training and the ordered validation `tf.data` pipelines.
+
+    Pairs (`data.make_dataset`), or windows (`data.make_window_dataset`)
+    with `--train-positions all`. With `replicas` > 1 (a `tf.distribute`
+    strategy), the first validation batch splits evenly over them: Keras
+    builds a model's evaluation from the replicas' mean of that batch
+    (`_maybe_symbolic_build` in Keras's TensorFlow trainer), which fails on
+    unequal shares, as when the validation part is under one batch.
+
+    Raises:
+        ConfigError: fewer validation examples than replicas.
+    """
+    config = with_defaults(config)
+    make = _dataset_builder(config)
+    train_ds = make(
+        tokens, starts, train_pos, config.max_seq_len, config.batch_size,
+        shuffle_seed=config.seed,
+    )  # fmt: skip
+    return train_ds, validation_dataset(
+        config, tokens, starts, val_pos, replicas
+    )
+
+
+def validation_dataset(config: TrainingConfig, tokens, starts, val_pos,
+                       replicas=1):  # fmt: skip
+    """`make_datasets`'s validation pipeline alone (same rules)."""
+    config = with_defaults(config)
+    make = _dataset_builder(config)
+    first = min(
+        config.batch_size,
+        examples_per_epoch(config, starts, val_pos, shuffled=False),
+    )
+    if first < replicas:
+        raise ConfigError(
+            f"the validation part has {first} examples, fewer than the "
+            f"{replicas} replicas: raise `validation_split`"
+        )
+    batch_size = config.batch_size
+    if first % replicas:
+        batch_size = first - first % replicas
+    return make(tokens, starts, val_pos, config.max_seq_len, batch_size)
+
+
+def _dataset_builder(config: TrainingConfig):
+    # Pairs, or windows with `--train-positions all` (same signature).
+    from moe.lm import data
+
+    if config.train_positions == "all":
+        return data.make_window_dataset
+    return data.make_dataset
+
+
+def examples_per_epoch(config: TrainingConfig, starts, positions,
+                       shuffled=True) -> int:  # fmt: skip
+    """Examples (pairs or windows) in the shortest epoch over `positions`."""
+    from moe.lm import data
+
+    config = with_defaults(config)
+    if config.train_positions == "all":
+        return data.window_count(
+            positions, starts, config.max_seq_len, shuffled=shuffled
+        )
+    return len(positions)
+
+
+def train(
+    config: TrainingConfig,
+    verbose: int = 1,
+    callbacks=(),
+    strategy=None,
+    interrupted: threading.Event | None = None,
+    texts: list[str] | None = None,
+) -> dict:
+    """Trains, saves the bundle to `config.output` and returns the summary.
+
+    Args:
+        config: the settings.
+        verbose: Keras's `fit` verbosity.
+        callbacks: Keras callbacks added to `fit` (early stopping and the
+            stop on a non-finite loss are always there).
+        strategy: the `tf.distribute` strategy of `config.strategy`
+            (`moe.lm.distribute.make_strategy`), made here when not given;
+            a multi-worker one must be made at program start, before
+            TensorFlow sets up its devices, as `model.py` does.
+        interrupted: set (e.g. by a Ctrl-C handler) to stop training before
+            the next step and before saving, with `KeyboardInterrupt`.
+        texts: the corpus, if already read (`load_corpus(config)`).
+
+    Raises:
+        ConfigError, moe.lm.corpus.CorpusError, moe.lm.bundle.BundleError:
+            bad settings, corpus or output folder, found before training.
+        TrainingError: the loss or the weights became non-finite, or the
+            machine ran out of memory; nothing is saved.
+        KeyboardInterrupt: `interrupted` was set; nothing is saved.
+    """
+    validate(config)
+    config = with_defaults(config)
+    if texts is None:
+        texts = load_corpus(config)
+    task = distribute.check_strategy(config.strategy)  # TF_CONFIG
+    chief = task is None or task.is_chief  # only the chief writes
+    lock = bundle.OutputLock(config.output) if chief else None
+    with contextlib.nullcontext() if lock is None else lock:
+        if lock is not None:
+            bundle.check_output(config.output)  # again, under the lock
+        summary, model, tokenizer, figures = _fit(
+            config, texts, task, verbose, callbacks, strategy,
+            interrupted or threading.Event(),
+        )  # fmt: skip
+        if chief:
+            bundle.save_bundle(
+                config.output, model, tokenizer, config.max_seq_len,
+                summary, figures, lock=lock,
+            )  # fmt: skip
+    return summary
+
+
+def _fit(config, texts, task, verbose, callbacks, strategy, interrupted):
+    """Trains; returns `(summary, model, tokenizer, figures)`."""
+    import keras
+
+    from moe.lm import architectures, plots
+    from moe.lm.expert_load import ExpertLoadCallback
+
+    try:
+        if strategy is None:
+            strategy = distribute.make_strategy(config.strategy)
+    except distribute.StrategyError as e:
+        raise ConfigError(str(e)) from None
+    started = time.perf_counter()
+    keras.utils.set_random_seed(config.seed)
+    tokenizer, tokens, starts, train_pos, val_pos = prepare_data(config, texts)
+    check_memory(config, tokenizer.vocab_size)
+    replicas = 1 if strategy is None else strategy.num_replicas_in_sync
+    train_ds, val_ds = make_datasets(
+        config, tokens, starts, train_pos, val_pos, replicas
+    )
+    if strategy is not None:
+        try:
+            train_ds = distribute.whole_batches(
+                train_ds,
+                examples_per_epoch(config, starts, train_pos),
+                config.batch_size,
+            )
+        except distribute.StrategyError as e:
+            raise ConfigError(str(e)) from None
+        train_ds = distribute.distribute_options(train_ds)
+        val_ds = distribute.distribute_options(val_ds)
+    # Under a strategy, the model's variables are mirrored on every replica.
+    # `model` is the one serving uses; `trained` is the one `fit` trains:
+    # itself, or with `--train-positions all` the same layers predicting at
+    # every position of a window.
+    with distribute.scope(strategy):
+        model = build(config, tokenizer.vocab_size)
+        trained = model
+        if config.train_positions == "all":
+            trained = architectures.every_position_model(model)
+        if trained is not model:  # compiled for `evaluate` and the bundle
+            architectures.compile_model(model, config.learning_rate)
+        architectures.compile_model(
+            trained,
+            config.learning_rate,
+            # Keras's multi-step loop fails under a strategy with more than
+            # one replica (a while-loop placeholder error in TF 2.21): one
+            # step a call.
+            steps_per_execution=(
+                1 if strategy is not None else config.steps_per_execution
+            ),
+            jit_compile=jit_compile(config),
+        )
+    stop = keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=config.patience, restore_best_weights=True
+    )
+    # Per-expert load on a fixed validation sample, on every backend; after
+    # `stop` so that its final load is that of the restored weights.
+    load = ExpertLoadCallback(
+        _load_sample(config, tokens, starts, val_pos),
+        log_dir=config.tensorboard,
+    )
+    board = []
+    if config.tensorboard:
+        board = [
+            keras.callbacks.TensorBoard(config.tensorboard, write_graph=False)
+        ]
+    try:
+        history = trained.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=config.epochs,
+            callbacks=[
+                keras.callbacks.TerminateOnNaN(),
+                stop,
+                load,
+                *board,
+                *callbacks,
+                _stop_when(interrupted),
+            ],  # fmt: skip
+            shuffle=False,  # the dataset shuffles itself, reproducibly
+            verbose=verbose,
+        )
+    except MemoryError:
+        raise TrainingError(_OUT_OF_MEMORY) from None
+    except Exception as e:
+        if type(e).__name__ == "ResourceExhaustedError":  # TensorFlow's OOM
+            raise TrainingError(_OUT_OF_MEMORY) from None
+        raise
+    _check_finite(history.history, model)
+    # The restored best weights, measured again on the serving task: the
+    # next word after each validation context.
+    if trained is not model:
+        val_ds = validation_dataset(
+            dataclasses.replace(config, train_positions="last"),
+            tokens, starts, val_pos, replicas,
+        )  # fmt: skip
+        if strategy is not None:
+            val_ds = distribute.distribute_options(val_ds)
+    metrics = model.evaluate(val_ds, return_dict=True, verbose=0)
+    summary = {
+        "config": dataclasses.asdict(config),
+        "vocab_size": tokenizer.vocab_size,
+        "tokens": len(tokens),
+        "pairs": {"train": len(train_pos), "validation": len(val_pos)},
+        "epochs_run": len(history.history["loss"]),
+        "validation": {
+            k: float(metrics[k])
+            for k in ("loss", "accuracy", "top5_accuracy", "perplexity")
+        },
+        "history": {
+            k: [float(v) for v in vs] for k, vs in history.history.items()
+        },
+        "expert_load": {"per_epoch": load.history, "final": load.final},
+        "distribution": distribute.describe(strategy, task),
+        "seconds": round(time.perf_counter() - started, 2),
+        "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": _versions(),
+        "runtime": _runtime(),
+    }
+    if not math.isfinite(summary["validation"]["loss"]):
+        raise TrainingError(_DIVERGED.format(what="the validation loss"))
+    figures = {
+        bundle.TRAINING_FIGURE: plots.training_png(summary["history"]),
+        bundle.EXPERTS_FIGURE: plots.experts_png(load.history, load.final),
+    }
+    if interrupted.is_set():
+        raise KeyboardInterrupt
+    return summary, model, tokenizer, figures
+
+
+_DIVERGED = (
+    "training diverged: {what} became NaN or infinite; nothing was saved "
+    "(lower `learning_rate`, or check `aux_loss_weight`)"
+)
+_OUT_OF_MEMORY = (
+    "training ran out of memory; nothing was saved (lower `batch_size`, "
+    "`hidden_dim`, `embed_dim`, `num_experts` or `vocab_size`)"
+)
+
+
+def _check_finite(history: dict, model) -> None:
+    """Raises `TrainingError` if training diverged (loss or weights)."""
+    for key in ("loss", "val_loss"):
+        values = history.get(key, [])
+        bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+        if bad:
+            what = f"the {key.replace('_', ' ')} of epoch {bad[0] + 1}"
+            raise TrainingError(_DIVERGED.format(what=what))
+    if not bundle.weights_are_finite(model):
+        raise TrainingError(_DIVERGED.format(what="a weight"))
+
+
+def _load_sample(config, tokens, starts, val_pos):
+    """Up to 1024 validation contexts for `ExpertLoadCallback`."""
+    from moe.lm import data
+
+    sample = val_pos[:1024]
+    return data.contexts(
+        tokens, sample, starts[sample], config.max_seq_len
+    ).numpy()
+
+
+def _stop_when(event: threading.Event):
+    """A callback raising `KeyboardInterrupt` once `event` is set.
+
+    Ctrl-C raises `KeyboardInterrupt` by itself, except when Python raises
+    it inside a finalizer (`__del__`), which prints and drops it; a handler
+    that also sets `event` makes the interrupt stop training regardless.
+    """
+    import keras
+
+    def check(*_, **__):
+        if event.is_set():
+            raise KeyboardInterrupt
+
+    return keras.callbacks.LambdaCallback(
+        on_train_batch_end=check, on_epoch_end=check
+    )
+
+
+def summary_line(summary: dict) -> str:
+    """The one line `model.py` prints at the end."""
+    val = summary["validation"]
+    return (
+        f"vocabulary {summary['vocab_size']} | pairs "
+        f"{summary['pairs']['train']} train, "
+        f"{summary['pairs']['validation']} validation | "
+        f"{summary['epochs_run']} epochs in {summary['seconds']:.1f} s | "
+        f"val top-1 {val['accuracy']:.3f}, top-5 {val['top5_accuracy']:.3f}, "
+        f"perplexity {val['perplexity']:.1f} | {_saved_where(summary)}"
+    )
+
+
+def _saved_where(summary: dict) -> str:
+    where = summary.get("distribution", {"chief": True})
+    if where["chief"]:
+        return f"saved to {summary['config']['output']}"
+    return f"not saved by {where['task']}: the chief writes the bundle"
+
+
+def _versions() -> dict:
+    import platform
+
+    import keras
+    import tensorflow
+
+    import moe
+
+    return {
+        "python": platform.python_version(),
+        "keras": keras.__version__,
+        "keras_backend": keras.backend.backend(),
+        "tensorflow": tensorflow.__version__,
+        "numpy": np.__version__,
+        "moe": moe.__version__,
+    }
+
+
+def _runtime() -> dict:
+    # TensorFlow reads the allocator setting once, when it starts.
+    bfc = os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "").lower()
+    return {"tf_cpu_allocator": "bfc" if bfc in ("1", "true") else "malloc"}

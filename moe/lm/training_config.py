@@ -1,0 +1,251 @@
+"""`TrainingConfig`: every setting of a training run, and their checks.
+
+One field per `model.py` flag, with its help text and argparse options
+(`moe.lm.cli.training_parser` builds the flags from them). `validate`
+checks what this module owns without TensorFlow, so the command line
+answers at once; the MoE settings are the layers' to check, when
+`moe.lm.training.train` builds the model.
+"""
+
+import dataclasses
+import importlib.util
+import math
+import os
+from pathlib import Path
+
+from moe.lm import bundle, distribute
+from moe.lm.architectures import ARCHITECTURES, MAX_SEQ_LEN, TRAIN_POSITIONS
+from moe.lm.tokenizer import check_vocab_size
+
+JIT_COMPILE = ("auto", "on", "off")
+# `keras.utils.set_random_seed` takes NumPy's seed range.
+MAX_SEED = 2**32 - 1
+
+
+def setting(default, help: str, **flag):
+    """A `TrainingConfig` field: its default, help text and argparse options."""
+    return dataclasses.field(default=default, metadata={"help": help, **flag})
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    """Training settings; each field is the `model.py` flag of the same name.
+
+    `None` means "the architecture's default" (`ARCHITECTURES`) or, for the
+    MoE settings, the layer's own default.
+    """
+
+    corpus: list[str] | None = setting(
+        None,
+        "text files to train on (default: the built-in corpus)",
+        nargs="+",
+        metavar="PATH",
+    )
+    encoding: str = setting("utf-8", "text encoding of the corpus files")
+    epochs: int = setting(
+        40, "most passes over the training data (early stopping may end sooner)"
+    )
+    batch_size: int = setting(
+        64,
+        "examples per training step: (context, next word) pairs, or windows "
+        "with --train-positions all",
+    )
+    steps_per_execution: int = setting(
+        32,
+        "training steps per compiled call: fewer Python round trips per step "
+        "(a small model's main cost); always 1 under --strategy",
+    )
+    jit_compile: str = setting(
+        "auto",
+        "XLA-compile the training step. auto: Keras's rule (off on CPU); on: "
+        "faster steps after a long compile, so it pays on long runs only "
+        "(see bench/README.md)",
+        choices=JIT_COMPILE,
+    )
+    architecture: str = setting(
+        "pooled",
+        "pooled: the average of the context embeddings feeds one MoE layer; "
+        "transformer: causal Transformer blocks with an MoE feed-forward "
+        "layer each",
+        choices=tuple(ARCHITECTURES),
+    )
+    max_seq_len: int | None = setting(
+        None,
+        "context window: how many preceding words the model sees, at most "
+        f"{MAX_SEQ_LEN} (default: 1 for pooled, 8 for transformer)",
+        type=int,
+    )
+    train_positions: str | None = setting(
+        None,
+        "transformer: learn the next word at every position of a window of "
+        "--max-seq-len words (all), or only after each whole context (last, "
+        "as serving asks; pooled always does). all sees each word once per "
+        "epoch, as last does, in fewer, larger steps (default: all for "
+        "transformer)",
+        choices=TRAIN_POSITIONS,
+    )
+    vocab_size: int = setting(
+        5000,
+        "vocabulary cap, padding and out-of-vocabulary ids included; rarer "
+        "words become out-of-vocabulary",
+    )
+    embed_dim: int = setting(
+        64, "word embedding width (the Transformer's width)"
+    )
+    num_layers: int = setting(2, "transformer: Transformer blocks")
+    num_heads: int = setting(
+        4, "transformer: attention heads (must divide --embed-dim)"
+    )
+    dropout: float = setting(
+        0.1, "transformer: dropout rate of attention and residuals"
+    )
+    num_experts: int = setting(4, "experts in each MoE layer")
+    top_k: int | None = setting(
+        None,
+        "experts per context (default: the routing's own: 2 for top_k, 1 for "
+        "switch, all for soft)",
+        type=int,
+    )
+    routing: str = setting(
+        "top_k",
+        "MoE routing: a `routing` of moe.MoELayer (top_k, switch, soft, ...; "
+        "see docs/layers.md)",
+    )
+    hidden_dim: int = setting(128, "hidden width of each expert")
+    capacity_factor: float | None = setting(
+        None,
+        "expert capacity factor (default: dropless; 2 for expert_choice)",
+        type=float,
+    )
+    num_groups: int | None = setting(
+        None,
+        "expert groups of --routing hierarchical (must divide --num-experts)",
+        type=int,
+    )
+    num_shared_experts: int = setting(
+        0, "always-on shared experts added to the routed ones"
+    )
+    aux_loss_weight: float = setting(
+        0.01, "weight of the load-balancing loss (0 disables it)"
+    )
+    learning_rate: float | None = setting(
+        None,
+        "Adam learning rate (default: 0.003 for pooled, 0.001 for transformer)",
+        type=float,
+    )
+    validation_split: float = setting(
+        0.1, "held-out fraction at the end of the corpus, in (0, 1)"
+    )
+    patience: int = setting(
+        3, "epochs without val_loss improvement before stopping"
+    )
+    seed: int = setting(
+        1337,
+        f"random seed, 0 to {MAX_SEED}: same seed, same vocabulary and metrics",
+    )
+    strategy: str = setting(
+        "none",
+        "data-parallel training (TensorFlow backend): mirrored over this "
+        "machine's GPUs (or CPU devices), or multi-worker across the machines "
+        "in TF_CONFIG; --batch-size is the global batch",
+        choices=distribute.STRATEGIES,
+    )
+    output: str = setting(
+        "saved_model",
+        "folder to write the model bundle to: new, empty, or holding a bundle",
+        metavar="DIR",
+    )
+    tensorboard: str | None = setting(
+        None, "also log to TensorBoard in DIR, with per-expert load",
+        metavar="DIR",
+    )  # fmt: skip
+
+
+class ConfigError(ValueError):
+    """An invalid setting; the message names the flag."""
+
+
+def validate(config: TrainingConfig) -> None:
+    """Checks the settings this module owns, and the output and log folders.
+
+    No TensorFlow: it answers at once. The MoE settings are checked by the
+    layers themselves when `train` builds the model.
+
+    Raises:
+        ConfigError: the first invalid setting, naming its flag.
+        moe.lm.bundle.BundleError: `output` may not be written.
+    """
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            _fail(field.name, "must be a finite number", value)
+    for name in ("epochs", "batch_size", "steps_per_execution", "patience"):
+        if getattr(config, name) < 1:
+            _fail(name, "must be at least 1", getattr(config, name))
+    if config.max_seq_len is not None and not (
+        1 <= config.max_seq_len <= MAX_SEQ_LEN
+    ):
+        _fail("max_seq_len", f"must be between 1 and {MAX_SEQ_LEN}",
+              config.max_seq_len)  # fmt: skip
+    try:
+        check_vocab_size(config.vocab_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _check_choice("architecture", tuple(ARCHITECTURES), config.architecture)
+    _check_choice("jit_compile", JIT_COMPILE, config.jit_compile)
+    positions = config.train_positions
+    if positions is not None:
+        _check_choice("train_positions", TRAIN_POSITIONS, positions)
+    if positions == "all" and config.architecture != "transformer":
+        _fail("train_positions", '"all" needs `architecture` "transformer" '
+              "(pooled predicts once per context)", positions)  # fmt: skip
+    if config.num_layers < 1:
+        _fail("num_layers", "must be at least 1", config.num_layers)
+    if config.learning_rate is not None and not config.learning_rate > 0:
+        _fail("learning_rate", "must be positive", config.learning_rate)
+    if not 0 < config.validation_split < 1:
+        _fail("validation_split", "must be between 0 and 1 (exclusive)",
+              config.validation_split)  # fmt: skip
+    if not 0 <= config.seed <= MAX_SEED:
+        _fail("seed", f"must be between 0 and {MAX_SEED}", config.seed)
+    try:
+        distribute.check_strategy(config.strategy)
+    except distribute.StrategyError as e:
+        raise ConfigError(str(e)) from None
+    _check_tensorboard(config.tensorboard)
+    output = bundle.check_output(config.output)
+    for path in config.corpus or ():
+        if Path(os.path.realpath(path)).is_relative_to(output):
+            _fail("corpus", f"must not be inside `output` ({config.output}): "
+                  "the new bundle replaces that folder", path)  # fmt: skip
+
+
+def _fail(name: str, rule: str, value) -> None:
+    shown = repr(value) if isinstance(value, str) else value
+    raise ConfigError(f"`{name}` {rule}. Received: {name}={shown}")
+
+
+def _check_choice(name: str, choices: tuple, value) -> None:
+    if value not in choices:
+        _fail(name, f"must be one of {', '.join(choices)}", value)
+
+
+def _check_tensorboard(log_dir: str | None) -> None:
+    if log_dir is None:
+        return
+    if importlib.util.find_spec("tensorboard") is None:
+        _fail("tensorboard", "needs the tensorboard package (pip install "
+              "tensorboard)", log_dir)  # fmt: skip
+    path = Path(log_dir)
+    if path.exists() and not path.is_dir():
+        _fail("tensorboard", "must be a folder, not a file", log_dir)
+    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        _fail("tensorboard", f"must be writable ({existing} is not)", log_dir)
+
+
+def with_defaults(config: TrainingConfig) -> TrainingConfig:
+    """`config` with the architecture's defaults for its unset fields."""
+    defaults = dataclasses.asdict(ARCHITECTURES[config.architecture])
+    unset = {k: v for k, v in defaults.items() if getattr(config, k) is None}
+    return dataclasses.replace(config, **unset)
