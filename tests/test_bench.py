@@ -17,6 +17,7 @@ SCRIPTS = {
     "training_throughput": [],
     "serving_latency": [],
     "memory": [],
+    "cli_latency": [],
 }
 
 
@@ -123,6 +124,18 @@ def test_memory(quick_runs):
     assert all(is_positive_number(r["peak_rss_mb"]) for r in runs.values())
     ratio = runs["x10"]["peak_rss_mb"] / runs["once"]["peak_rss_mb"]
     assert data["ratio"] == pytest.approx(ratio)
+
+
+def test_cli_latency(quick_runs):
+    data = result_of(quick_runs, "cli_latency")
+    assert data["repeats"] == 1
+    codes = {r["command"]: r["exit_code"] for r in data["results"]}
+    assert codes["model.py --help"] == codes["python -c pass"] == 0
+    # The bad inputs fail, as they should, with argparse's 2 or our 1.
+    assert codes["model.py --epochs x (invalid flag)"] == 2
+    for name in ("--epochs 0", "--corpus", "serve.py --model-dir"):
+        assert all(c == 1 for k, c in codes.items() if name in k), codes
+    assert all(is_positive_number(r["median_s"]) for r in data["results"])
 
 
 def test_bad_corpus_path_is_one_line_and_nonzero(tmp_path):

@@ -1,4 +1,9 @@
 import json
+import os
+import re
+import shutil
+import stat
+import zipfile
 
 import numpy as np
 import pytest
@@ -131,3 +136,211 @@ def test_mismatched_parts(tmp_path):
     (tmp_path / bundle.MAX_SEQ_LEN_FILE).write_text("5\n")
     with pytest.raises(bundle.BundleError, match="says 5 but .* of 3"):
         bundle.load_bundle(tmp_path)
+
+
+# --- the output rule, the lock, the swap ------------------------------------
+
+
+def snapshot(folder):
+    """`{relative path: bytes}` of every file below `folder`."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda p: (p.mkdir(), (p / "notes.txt").write_text("mine")),
+         "holds files that are not part of a model bundle (notes.txt)"),
+        (lambda p: (p.mkdir(), (p / "model.keras").mkdir()), "model.keras"),
+        (lambda p: p.write_text("a plain file"), "is a file"),
+    ],
+)  # fmt: skip
+def test_output_rule_refuses_what_a_bundle_would_destroy(tmp_path, make, words):
+    target = tmp_path / "out"
+    make(target)
+    before = snapshot(tmp_path)
+    with pytest.raises(bundle.BundleError, match=re.escape(words)):
+        bundle.check_output(target)
+    with pytest.raises(bundle.BundleError, match=re.escape(words)):
+        save(target)
+    assert snapshot(tmp_path) == before  # nothing written, nothing lost
+
+
+def test_output_rule_refuses_the_current_folder(tmp_path, monkeypatch):
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    for target in (".", "..", "/"):
+        with pytest.raises(bundle.BundleError, match="current folder"):
+            bundle.check_output(target)
+
+
+def test_output_rule_refuses_an_unwritable_place(tmp_path):
+    for target in ("/proc/self/saved_model", "/proc/saved_model"):
+        with pytest.raises(bundle.BundleError, match="not a writable"):
+            bundle.check_output(target)
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(bundle.BundleError, match="not a writable"):
+            bundle.check_output(locked / "saved_model")
+
+
+def test_output_rule_accepts_new_empty_and_bundle_folders(tmp_path):
+    assert bundle.check_output(tmp_path / "a" / "b") == tmp_path / "a" / "b"
+    (tmp_path / "empty").mkdir()
+    bundle.check_output(tmp_path / "empty")
+    save(tmp_path / "bundle")
+    bundle.check_output(tmp_path / "bundle")
+    save(tmp_path / "bundle", seed=3)  # replaced
+    assert bundle.load_bundle(tmp_path / "bundle").training == {"seed": 3}
+
+
+def test_a_symlinked_output_is_written_through(tmp_path):
+    real = tmp_path / "real"
+    save(real, seed=1)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    save(link, seed=2)
+    assert link.is_symlink() and link.resolve() == real
+    assert bundle.load_bundle(link).training == {"seed": 2}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_bundle_permissions_follow_the_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        save(tmp_path / "saved_model")
+    finally:
+        os.umask(previous)
+    target = tmp_path / "saved_model"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~umask
+    for path in target.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+
+
+def test_a_second_writer_is_refused_and_its_bundle_kept(tmp_path):
+    target = tmp_path / "saved_model"
+    save(target, seed=1)
+    before = snapshot(target)
+    with bundle.OutputLock(target):  # another run, training
+        with pytest.raises(bundle.BundleBusyError) as error:
+            bundle.OutputLock(target).acquire()
+        assert f"process {os.getpid()}" in str(error.value)
+        with pytest.raises(bundle.BundleBusyError, match="this bundle is in"):
+            save(target, seed=2)
+        assert snapshot(target) == before
+    (kept,) = tmp_path.glob("saved_model.unsaved-*")
+    assert bundle.load_bundle(kept).training == {"seed": 2}
+    save(target, seed=3)  # the lock is free again
+    assert bundle.load_bundle(target).training == {"seed": 3}
+
+
+def kill_between_renames(target):
+    """The folder state a run killed between the swap's two renames leaves:
+    the old bundle aside, the complete new one in its temporary folder."""
+    os.rename(target, target.parent / f".{target.name}.old-1")
+    staging = target.parent / f".{target.name}.tmp-killed"
+    shutil.copytree(target.parent / f".{target.name}.old-1", staging)
+
+
+def test_a_kill_between_the_renames_is_undone_by_the_next_load(tmp_path):
+    target = tmp_path / "saved_model"
+    save(target, seed=1)
+    kill_between_renames(target)
+    assert not target.exists()
+    assert bundle.load_bundle(target).training == {"seed": 1}
+    assert target.is_dir()
+
+
+def test_a_kill_between_the_renames_is_undone_by_the_next_save(tmp_path):
+    target = tmp_path / "saved_model"
+    save(target, seed=1)
+    kill_between_renames(target)
+    with bundle.OutputLock(target):  # a training starting: restores it
+        assert bundle.load_bundle(target).training == {"seed": 1}
+    save(target, seed=2)
+    assert bundle.load_bundle(target).training == {"seed": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == LEFT_AFTER_SAVE
+
+
+def test_a_load_names_a_set_aside_bundle_it_cannot_restore(
+    tmp_path, monkeypatch
+):
+    target = tmp_path / "saved_model"
+    save(target, seed=1)
+    kill_between_renames(target)
+
+    def cannot_write(self):
+        raise bundle.BundleError("read-only")
+
+    monkeypatch.setattr(bundle.OutputLock, "acquire", cannot_write)
+    with pytest.raises(bundle.BundleError, match=r"\.saved_model\.old-1"):
+        bundle.load_bundle(target)
+
+
+# --- what a load refuses ----------------------------------------------------
+
+
+def test_weights_that_are_not_finite_are_refused(tmp_path):
+    model, tokenizer = make_parts()
+    weights = model.get_weights()
+    weights[0][0, 0] = np.nan
+    model.set_weights(weights)
+    bundle.save_bundle(tmp_path / "b", model, tokenizer, MAX_SEQ_LEN, {})
+    with pytest.raises(bundle.BundleError, match="NaN or infinite"):
+        bundle.load_bundle(tmp_path / "b")
+
+
+def test_a_truncated_model_file_is_named(tmp_path):
+    save(tmp_path)
+    path = tmp_path / bundle.MODEL_FILE
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(bundle.BundleError, match="not a complete .keras"):
+        bundle.check_bundle(tmp_path)
+
+
+def test_a_setting_a_layer_rejects_is_named(tmp_path):
+    save(tmp_path)
+    path = tmp_path / bundle.MODEL_FILE
+    with zipfile.ZipFile(path) as archive:
+        members = {n: archive.read(n) for n in archive.namelist()}
+    members["config.json"] = members["config.json"].replace(
+        b'"routing": "top_k"', b'"routing": "bogus"'
+    )
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    with pytest.raises(
+        bundle.BundleError,
+        match="its MoELayer cannot be rebuilt: `routing` must be one of",
+    ):
+        bundle.load_bundle(tmp_path)
+
+
+@pytest.mark.parametrize("text", ["²", "0", "-3", "3.0", "99999", "1e3"])
+def test_max_seq_len_must_be_a_plain_number_in_range(tmp_path, text):
+    save(tmp_path)
+    (tmp_path / bundle.MAX_SEQ_LEN_FILE).write_text(text)
+    with pytest.raises(bundle.BundleError, match="max_seq_len.txt: expected"):
+        bundle.check_bundle(tmp_path)
+
+
+def test_deeply_nested_json_files(tmp_path):
+    save(tmp_path)
+    nested = "[" * 100_000 + "]" * 100_000
+    (tmp_path / bundle.TRAINING_FILE).write_text(nested)
+    assert bundle.load_bundle(tmp_path).training == {}  # optional: ignored
+    (tmp_path / bundle.TOKENIZER_FILE).write_text(nested)
+    with pytest.raises(bundle.BundleError, match="nested too deeply"):
+        bundle.check_bundle(tmp_path)
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"text"', "{oops"])
+def test_training_json_that_is_not_an_object_is_ignored(tmp_path, content):
+    save(tmp_path)
+    (tmp_path / bundle.TRAINING_FILE).write_text(content)
+    assert bundle.load_bundle(tmp_path).training == {}

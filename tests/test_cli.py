@@ -2,11 +2,13 @@
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -174,6 +176,8 @@ def _bad_inputs(tmp, bundle_dir):
         "punctuation.txt": b"... !!! ???",
         "binary.bin": b"\x7fELF\x00\x00\x01",
         "latin1.txt": "caf\xe9 cr\xe8me".encode("latin-1"),
+        "utf16.txt": "the cat sat. the dog sat.".encode("utf-16"),
+        "a_file": b"",
     }
     for name, content in files.items():
         (tmp / name).write_bytes(content)
@@ -196,6 +200,21 @@ def _bad_inputs(tmp, bundle_dir):
     mismatch = broken_bundle(
         "mismatch", lambda p: (p / "max_seq_len.txt").write_text("7")
     )
+    superscript = broken_bundle(
+        "superscript", lambda p: (p / "max_seq_len.txt").write_text("²")
+    )
+    nested = broken_bundle(
+        "nested",
+        lambda p: (p / "tokenizer.json").write_text("[" * 10**5 + "]" * 10**5),
+    )
+    model = bundle_dir / "model.keras"
+    truncated = broken_bundle(
+        "truncated",
+        lambda p: (p / "model.keras").write_bytes(
+            model.read_bytes()[: model.stat().st_size // 2]
+        ),
+    )
+    serve = ["serve.py", "--model-dir", bundle_dir]
     out = ["--output", str(tmp / "never_written")]
     train = ["model.py", *out, "--corpus"]
     return {
@@ -253,6 +272,59 @@ def _bad_inputs(tmp, bundle_dir):
             ["serve.py", "--model-dir", bundle_dir, "?!"],
             "empty query",
         ),
+        "utf16_without_encoding": (
+            [*train, tmp / "utf16.txt"],
+            "is not valid utf-8 text (byte 0); pass --encoding",
+        ),
+        "capacity_inf": (
+            ["model.py", *out, "--capacity-factor", "inf"],
+            "--capacity-factor must be a finite number",
+        ),
+        "seed_negative": (
+            ["model.py", *out, "--seed", "-1"],
+            "--seed must be between 0 and 4294967295",
+        ),
+        "tensorboard_file": (
+            ["model.py", *out, "--tensorboard", tmp / "a_file"],
+            "--tensorboard must be a folder, not a file",
+        ),
+        "huge_hidden_dim": (
+            ["model.py", *out, "--hidden-dim", "100000000"],
+            "GiB to train",
+        ),
+        "long_context": (
+            ["model.py", *out, "--max-seq-len", "100000"],
+            "--max-seq-len must be between 1 and 1024",
+        ),
+        "superscript_max_seq_len": (
+            ["serve.py", "--model-dir", superscript, "hi"],
+            "max_seq_len.txt: expected a whole number from 1 to 1024, "
+            "found '²'",
+        ),
+        "nested_tokenizer": (
+            ["serve.py", "--model-dir", nested, "hi"],
+            "nested too deeply",
+        ),
+        "truncated_model": (
+            ["serve.py", "--model-dir", truncated, "hi"],
+            "not a complete .keras archive",
+        ),
+        "top_too_big": (
+            [*serve, "--top", "100000", "hi"],
+            "--top must be between 1 and",
+        ),
+        "generate_too_long": (
+            [*serve, "--generate", "100000", "hi"],
+            "--generate must be between 1 and 10000",
+        ),
+        "temperature_nan": (
+            [*serve, "--generate", "2", "--temperature", "nan", "hi"],
+            "--temperature must be a finite number > 0",
+        ),
+        "temperature_zero": (
+            [*serve, "--generate", "2", "--temperature", "0", "hi"],
+            "--temperature must be a finite number > 0",
+        ),
         "eval_missing_file": (
             ["serve.py", "--model-dir", bundle_dir, "--eval", tmp / "x.txt"],
             "file not found",
@@ -266,13 +338,18 @@ ALL_BAD_INPUTS = [
     "groups_not_dividing", "expert_choice_top_k", "zero_epochs",
     "bad_split", "zero_batch", "no_model", "partial_model", "corrupt_model",
     "corrupt_tokenizer", "mismatched_bundle", "empty_query", "no_word_query",
-    "eval_missing_file",
+    "eval_missing_file", "utf16_without_encoding", "capacity_inf",
+    "seed_negative", "tensorboard_file", "huge_hidden_dim", "long_context",
+    "superscript_max_seq_len", "nested_tokenizer", "truncated_model",
+    "top_too_big", "generate_too_long", "temperature_nan", "temperature_zero",
 ]  # fmt: skip
-# Each subprocess loads TensorFlow (~8 s here), so every case runs through
-# `main()` in-process and one case per kind of error also as a real CLI.
+# A subprocess that loads TensorFlow takes seconds, so every case runs
+# through `main()` in-process and one case per kind of error also as a real
+# CLI (most of them answer before TensorFlow loads).
 SUBPROCESS_BAD_INPUTS = [
     "missing_corpus", "not_utf8", "zero_experts", "corrupt_model",
-    "empty_query",
+    "empty_query", "capacity_inf", "seed_negative", "truncated_model",
+    "nested_tokenizer",
 ]  # fmt: skip
 
 
@@ -388,3 +465,148 @@ def test_dropped_interrupts_are_not_reported_as_errors(capsys, monkeypatch):
     obj = RaisesWhenCollected(ValueError("a real bug"))
     del obj
     assert "ValueError: a real bug" in capsys.readouterr().err
+
+
+# --- nothing a user has is lost ---------------------------------------------
+
+
+def snapshot(folder):
+    """`{relative path: bytes}` of every file below `folder`."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_output_that_holds_user_files_is_refused_up_front(tmp_path):
+    # Each --output here would once have been emptied or replaced by the
+    # swap; now each is refused before training, and nothing changes.
+    work = tmp_path / "work"
+    (work / "notes").mkdir(parents=True)
+    (work / "notes" / "todo.txt").write_text("mine")
+    (work / "corpus").mkdir()
+    (work / "corpus" / "book.txt").write_text(LM_TINY_CORPUS)
+    (work / "plain").write_text("a file")
+    cases = [
+        (["--output", "notes"], "holds files that are not part of a model "
+         "bundle (todo.txt)"),
+        (["--output", "plain"], "is a file, not a bundle folder"),
+        (["--output", "."], "it is the current folder or one above it"),
+        (["--output", "corpus", "--corpus", "corpus/book.txt"],
+         "holds files that are not part of a model bundle (book.txt)"),
+        (["--output", "out", "--corpus", "out/x.txt"],
+         "--corpus must not be inside --output (out)"),
+    ]  # fmt: skip
+    before = snapshot(work)
+    for flags, words in cases:
+        result = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "model.py"), *flags],
+            cwd=work, env=script_env(), capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+        check_one_line_error(
+            result.returncode, result.stdout, result.stderr, words
+        )
+        assert snapshot(work) == before, flags
+    assert sorted(p.name for p in work.iterdir()) == [
+        "corpus", "notes", "plain",
+    ]  # fmt: skip
+
+
+def test_a_diverging_run_fails_and_keeps_the_old_bundle(
+    tmp_path, lm_trained, lm_corpus_file, capsys
+):
+    target = tmp_path / "saved_model"
+    shutil.copytree(lm_trained[0], target)
+    before = snapshot(target)
+    flags = ["--corpus", lm_corpus_file, "--output", target, *LM_TINY_FLAGS]
+    code = load_script("model.py").main(
+        [*map(str, flags), "--learning-rate", "1e30"]
+    )
+    err = capsys.readouterr().err
+    check_one_line_error(code, "", err, "training diverged: the loss")
+    assert "nothing was saved (lower --learning-rate" in err
+    assert snapshot(target) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".saved_model.lock", "saved_model",
+    ]  # fmt: skip
+
+
+def test_a_second_training_on_the_same_output_is_refused(
+    tmp_path, lm_trained, lm_corpus_file
+):
+    target = tmp_path / "saved_model"
+    shutil.copytree(lm_trained[0], target)
+    before = snapshot(target)
+    with bundle.OutputLock(target):  # a first training, still running
+        result = run_script(
+            "model.py", "--corpus", lm_corpus_file, "--output", target,
+            *LM_TINY_FLAGS,
+        )  # fmt: skip
+    check_one_line_error(
+        result.returncode, result.stdout, result.stderr,
+        f"is being written by another run (process {os.getpid()}); wait "
+        "for it to finish or choose another output folder",
+    )  # fmt: skip
+    assert snapshot(target) == before
+
+
+def test_ctrl_c_while_tensorflow_loads_exits_130(tmp_path):
+    # The cheap checks take a fraction of a second, TensorFlow's import
+    # seconds: an interrupt a second in lands in the import.
+    proc = subprocess.Popen(
+        [sys.executable, "model.py", "--output", tmp_path / "out"],
+        cwd=REPO_ROOT, env=script_env(), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == [
+        f"model.py: interrupted; {tmp_path / 'out'} left unchanged"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_byte_on_stdin_skips_that_line_only(lm_trained, lm_predictor):
+    result = subprocess.run(
+        [sys.executable, "serve.py", "--model-dir", str(lm_trained[0])],
+        input=b"the cat\n\xff\xfe how\nhow are\n",
+        cwd=REPO_ROOT, env=script_env(), capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().splitlines() == [
+        lm_predictor.predict_next("the cat"),
+        "",  # the bad line keeps its place
+        lm_predictor.predict_next("how are"),
+    ]
+    assert result.stderr.decode().splitlines() == [
+        "serve.py: line 2 is not utf-8 text (byte 0); skipped"
+    ]
+
+
+def test_the_quick_start_leaves_git_status_clean():
+    # `python model.py` in the repository writes saved_model/ and the lock
+    # and temporary folders beside it: all ignored, nothing tracked there.
+    git = ["git", "-C", str(REPO_ROOT)]
+    inside = subprocess.run(
+        [*git, "rev-parse", "--is-inside-work-tree"], capture_output=True
+    )
+    if inside.returncode != 0:
+        pytest.skip("not a git checkout")
+    written = [
+        "saved_model/model.keras", "saved_model/training.png",
+        ".saved_model.lock", ".saved_model.tmp-1a2b/model.keras",
+        ".saved_model.old-123/model.keras",
+    ]  # fmt: skip
+    ignored = subprocess.run(
+        [*git, "check-ignore", "--no-index", *written],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert ignored.stdout.split() == written
+    tracked = subprocess.run(
+        [*git, "ls-files", "saved_model"], capture_output=True, text=True
+    )
+    assert tracked.stdout == ""

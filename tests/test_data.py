@@ -104,6 +104,17 @@ def test_read_text(tmp_path):
         corpus.read_text(good, "no-such-codec")
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32"])
+def test_text_full_of_nul_bytes_is_read_in_its_encoding(tmp_path, encoding):
+    # UTF-16/32 text is full of NUL bytes: they are looked for after
+    # decoding, so only a file that is not text in `encoding` is "binary".
+    path = tmp_path / "wide.txt"
+    path.write_bytes("the cat sat.".encode(encoding))
+    assert corpus.read_text(path, encoding) == "the cat sat."
+    with pytest.raises(corpus.CorpusError, match="pass `encoding`"):
+        corpus.read_text(path)  # as UTF-8
+
+
 def test_default_corpus_is_package_data():
     text = corpus.default_corpus_text()
     assert len(text.split()) > 1000

@@ -1,5 +1,8 @@
+import re
+
 import numpy as np
 import pytest
+from conftest import LM_TINY_CORPUS
 
 from moe.lm.metrics import next_word_metrics
 from moe.lm.tokenizer import NUM_RESERVED, split_sentences
@@ -141,3 +144,93 @@ def test_next_word_metrics_oov_target_is_a_miss():
 def test_evaluate_needs_a_pair(lm_predictor):
     with pytest.raises(ValueError, match="nothing to evaluate"):
         lm_predictor.evaluate("cat. dog.")
+
+
+# --- NaN never counts, never answers; sampling never overflows --------------
+
+
+def test_a_nan_prediction_is_never_a_hit():
+    # A NaN compares false with everything, so a naive rank puts the target
+    # first: both metric implementations must count the row as a miss.
+    from keras import ops
+
+    from moe.lm.metrics import real_word_top_k_hits
+
+    probs = np.array(
+        [[0.0, 0.0, np.nan, np.nan], [0.0, 0.0, 0.7, 0.3]], np.float32
+    )
+    targets = np.array([2, 2])
+    metrics = next_word_metrics(probs, targets)
+    assert metrics["accuracy"] == metrics["top5_accuracy"] == 0.5
+    assert np.isnan(metrics["perplexity"])
+    for k in (1, 5):
+        hits = ops.convert_to_numpy(real_word_top_k_hits(targets, probs, k=k))
+        np.testing.assert_array_equal(hits, [0.0, 1.0])
+
+
+def nan_predictor(lm_predictor):
+    """The trained model with one NaN weight: every probability is NaN."""
+    import keras
+
+    from moe.lm.predictor import NextWordPredictor
+
+    model = keras.models.clone_model(lm_predictor.model)
+    weights = lm_predictor.model.get_weights()
+    weights[-1] = np.full_like(weights[-1], np.nan)  # the output bias
+    model.set_weights(weights)
+    return NextWordPredictor(
+        model, lm_predictor.tokenizer, lm_predictor.max_seq_len
+    )
+
+
+def test_a_model_that_outputs_nan_gives_no_answer(lm_predictor):
+    from moe.lm.bundle import ModelOutputError
+
+    broken = nan_predictor(lm_predictor)
+    for ask in (
+        lambda: broken.predict_next("the cat"),
+        lambda: broken.top("the cat", 3),
+        lambda: broken.generate("the cat", 2),
+        lambda: broken.explain(["the cat"]),
+    ):
+        with pytest.raises(ModelOutputError, match="NaN or infinite"):
+            ask()
+    assert broken.evaluate(LM_TINY_CORPUS)["accuracy"] == 0.0
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-3, 1.0, 1e3, 1e300])
+def test_sampling_weights_are_a_distribution_at_any_temperature(temperature):
+    from moe.lm.predictor import _sharpened
+
+    probs = np.array([1e-30, 0.2, 0.5, 0.3, 0.0], np.float32)
+    weights = _sharpened(probs, temperature)
+    assert np.isfinite(weights).all() and weights.sum() == pytest.approx(1)
+    if temperature <= 1e-3:  # greedy in the limit
+        assert weights.argmax() == 2 and weights[2] > 0.99
+    if temperature >= 1e300:  # uniform in the limit
+        np.testing.assert_allclose(weights, 0.2)
+
+
+def test_generate_words_come_one_at_a_time(lm_predictor):
+    words = lm_predictor.generate_words("the cat", 3)
+    assert iter(words) is words  # a generator, not a finished list
+    first = next(words)
+    assert first == lm_predictor.predict_next("the cat")
+    assert [first, *words] == lm_predictor.generate("the cat", 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"num_words": 0}, "`num_words` must be between 1 and 10000"),
+        ({"num_words": 10001}, "`num_words` must be between 1 and 10000"),
+        ({"num_words": 2, "temperature": 0.0}, "finite number > 0"),
+        ({"num_words": 2, "temperature": float("nan")}, "finite number > 0"),
+        ({"num_words": 2, "temperature": float("inf")}, "finite number > 0"),
+    ],
+)
+def test_generate_bounds_are_checked_before_the_first_word(
+    lm_predictor, kwargs, words
+):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        lm_predictor.generate_words("the cat", **kwargs)

@@ -20,6 +20,7 @@ from conftest import REPO_ROOT, load_script, script_env
 
 from moe.lm.bundle import TRAINING_FILE
 from moe.lm.server import (
+    BATCHER,
     HEALTH_PATH,
     METADATA_PATH,
     PREDICT_PATH,
@@ -193,6 +194,7 @@ BAD_REQUESTS = [
     ("POST", PREDICT_PATH, b'{"instances": ["a"], "top": NaN}', 400, "NaN"),
     ("POST", PREDICT_PATH, b'{"instances": ["caf\xe9"]}', 400, "UTF-8"),
     ("POST", PREDICT_PATH, b"[" * 1500 + b"]" * 1500, 400, "nested"),
+    ("POST", PREDICT_PATH, b"[" + b"1" * 19 + b"]", 400, "at most 18"),
     (
         "POST",
         PREDICT_PATH,
@@ -494,3 +496,213 @@ def test_cli_http_bad_flags(flags, words, capsys):
     assert serve.main(flags) == 1
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("serve.py: error: ") and words in line
+
+
+# --- a broken model, slow clients, many clients ------------------------------
+
+
+def test_a_huge_integer_is_a_400_not_a_500(lm_predictor, training):
+    # Python refuses to convert integers of over 4300 digits (ValueError).
+    async def body(session, app):
+        data = b'{"instances": ["a"], "top": ' + b"9" * 5000 + b"}"
+        async with session.post(PREDICT_PATH, data=data) as r:
+            return r.status, await r.json()
+
+    status, payload = run_with_server(lm_predictor, training, body)
+    assert status == 400
+    assert payload["error"].startswith("the body has a number of 5000 digits")
+
+
+def test_a_model_that_outputs_nan_answers_a_json_500(lm_predictor, training):
+    from test_predictor import nan_predictor
+
+    async def body(session, app):
+        async with session.post(
+            PREDICT_PATH, json={"instances": ["how are"]}
+        ) as r:
+            return r.status, json.loads(await r.text())  # strict JSON
+
+    status, payload = run_with_server(nan_predictor(lm_predictor), training,
+                                      body)  # fmt: skip
+    assert status == 500
+    assert "NaN or infinite probabilities" in payload["error"]
+
+
+def test_answers_are_always_valid_json(lm_predictor):
+    # A NaN in training.json cannot reach a client as a bare `NaN`.
+    async def body(session, app):
+        async with session.get(METADATA_PATH) as r:
+            return r.status, json.loads(
+                await r.text(), parse_constant=pytest.fail
+            )
+
+    training = {"validation": {"loss": float("nan")}}
+    status, payload = run_with_server(lm_predictor, training, body)
+    assert status == 500 and payload == {"error": "internal server error"}
+
+
+@pytest.mark.parametrize("training", [[1, 2], {"config": "x"}, None])
+def test_a_malformed_training_json_leaves_the_metadata_working(
+    lm_predictor, training
+):
+    async def body(session, app):
+        async with session.get(METADATA_PATH) as r:
+            return r.status, await r.json()
+
+    status, metadata = run_with_server(lm_predictor, training, body)
+    assert status == 200 and metadata["architecture"] == "pooled"
+
+
+def run_with_live_server(predictor, body, config):
+    """`await body(host, port)` against `serve()` (timeouts included)."""
+
+    async def main():
+        app = create_app(predictor, {}, config)
+        stop, urls = asyncio.Event(), []
+        task = asyncio.create_task(
+            serve(app, "127.0.0.1", 0, ready=urls.append, stop=stop)
+        )
+        while not urls:
+            await asyncio.sleep(0.01)
+        host, port = urls[0].removeprefix("http://").rsplit(":", 1)
+        try:
+            return await body(host, int(port))
+        finally:
+            stop.set()
+            await task
+
+    return asyncio.run(main())
+
+
+async def read_all(reader, limit_s=10.0):
+    """What the server sends until it closes the connection."""
+    data = b""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit_s
+    while loop.time() < deadline:
+        try:
+            chunk = await asyncio.wait_for(reader.read(4096), 0.1)
+        except asyncio.TimeoutError:
+            continue
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_a_slow_body_gets_408_and_the_server_keeps_serving(lm_predictor):
+    config = ServerConfig(body_timeout_s=0.5)
+
+    async def body(host, port):
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(
+            f"POST {PREDICT_PATH} HTTP/1.1\r\nHost: x\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100\r\n"
+            '\r\n{"inst'.encode()
+        )
+        await writer.drain()
+        answer = await read_all(reader)
+        writer.close()
+        async with ClientSession() as session:
+            async with session.get(f"http://{host}:{port}{HEALTH_PATH}") as r:
+                return answer, r.status
+
+    answer, health = run_with_live_server(lm_predictor, body, config)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b'"error": "the body did not arrive within 0.5 s"' in answer
+    assert health == 200
+
+
+def test_trickled_headers_are_cut_off(lm_predictor):
+    config = ServerConfig(header_timeout_s=0.5)
+
+    async def body(host, port):
+        reader, writer = await asyncio.open_connection(host, port)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        writer.write(f"GET {HEALTH_PATH} HTTP/1.1\r\n".encode())
+        closed = False
+        for _ in range(50):  # one header byte every 0.1 s, never finished
+            try:
+                writer.write(b"X")
+                await writer.drain()
+            except ConnectionError:
+                closed = True
+                break
+            if await read_all(reader, 0.1) == b"" and reader.at_eof():
+                closed = True
+                break
+        writer.close()
+        return closed, loop.time() - started
+
+    closed, seconds = run_with_live_server(lm_predictor, body, config)
+    assert closed and seconds < 4.0
+
+
+def test_past_max_pending_requests_get_503(lm_predictor):
+    release = threading.Event()
+
+    def held_explain(texts, top):
+        release.wait(10)
+        return lm_predictor.explain(texts, top)
+
+    predictor = types.SimpleNamespace(
+        model=lm_predictor.model,
+        tokenizer=lm_predictor.tokenizer,
+        max_seq_len=lm_predictor.max_seq_len,
+        explain=held_explain,
+    )
+    config = ServerConfig(max_pending=2, max_batch=1)
+
+    async def body(session, app):
+        async def ask():
+            async with session.post(
+                PREDICT_PATH, json={"instances": ["how are"]}
+            ) as r:
+                return r.status, await r.json()
+
+        first = [asyncio.create_task(ask()) for _ in range(2)]
+        while app[BATCHER].requests < 2:
+            await asyncio.sleep(0.01)
+        busy = await ask()
+        async with session.get(HEALTH_PATH) as r:
+            health = await r.json()
+        release.set()
+        return busy, health, [await t for t in first]
+
+    busy, health, first = run_with_server(predictor, {}, body, config)
+    assert busy[0] == 503 and "the server is busy" in busy[1]["error"]
+    assert health["pending"] == 2
+    assert [status for status, _ in first] == [200, 200]
+
+
+def test_request_texts_are_tokenized_off_the_event_loop(lm_predictor):
+    loop_threads, encode_threads = [], []
+    tokenizer = lm_predictor.tokenizer
+
+    class RecordingTokenizer:
+        vocab_size = tokenizer.vocab_size
+
+        def encode(self, text):
+            encode_threads.append(threading.get_ident())
+            return tokenizer.encode(text)
+
+    predictor = types.SimpleNamespace(
+        model=lm_predictor.model,
+        tokenizer=RecordingTokenizer(),
+        max_seq_len=lm_predictor.max_seq_len,
+        explain=lm_predictor.explain,
+    )
+
+    async def body(session, app):
+        loop_threads.append(threading.get_ident())
+        async with session.post(
+            PREDICT_PATH, json={"instances": ["how are", "the cat"]}
+        ) as r:
+            return r.status
+
+    assert run_with_server(predictor, {}, body) == 200
+    assert len(encode_threads) == 2
+    assert loop_threads[0] not in encode_threads

@@ -33,6 +33,7 @@ import os
 import re
 import secrets
 import shutil
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -85,7 +86,7 @@ class Bundle:
 def check_output(directory: str | Path) -> Path:
     """Checks that a bundle may be written to `directory` (the output rule).
 
-    Cheap and without side effects. Symlinks are followed.
+    Cheap, and leaves nothing behind. Symlinks are followed.
 
     Returns:
         The folder's real path.
@@ -124,12 +125,24 @@ def check_output(directory: str | Path) -> Path:
     existing = next(p for p in [target, *target.parents] if p.exists())
     if existing == target:
         existing = target.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    if not _writable(existing):
         raise BundleError(
             f"cannot write a bundle to {path}: {existing} is not a writable "
             "folder"
         )
     return target
+
+
+def _writable(folder: Path) -> bool:
+    """Whether a file can be created in `folder` (tried: permissions alone
+    do not tell a read-only mount, or `/proc` to root)."""
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError:
+        return False
+    return True
 
 
 class OutputLock:

@@ -343,6 +343,8 @@ def model_metadata(predictor, training: dict, config: ServerConfig) -> dict:
     """What `GET /v1/models/moe` answers."""
     from moe.lm.explain import routed_layers
 
+    # training.json is optional and for people: use what is well-formed.
+    training = training if isinstance(training, dict) else {}
     settings = training.get("config")
     settings = settings if isinstance(settings, dict) else {}
     layers = [_layer_info(layer) for layer in routed_layers(predictor.model)]

@@ -150,9 +150,7 @@ class Tokenizer:
         except json.JSONDecodeError as e:
             raise ValueError(f"not valid JSON ({e})") from None
         except RecursionError:
-            raise ValueError(
-                "not a tokenizer file (too deeply nested)"
-            ) from None
+            raise ValueError("not valid JSON (nested too deeply)") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"not a tokenizer file (format != {FORMAT!r})")
         version = data.get("format_version")
