@@ -35,80 +35,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Predict the next word with a trained MoE model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    # fmt: off
     add = parser.add_argument
-    add(
-        "texts",
-        nargs="*",
-        metavar="TEXT",
-        help="texts to continue; none: read queries from the prompt/stdin",
-    )
+    add("texts", nargs="*", metavar="TEXT",
+        help="texts to continue; none: read queries from the prompt/stdin")
     add("--top", type=int, metavar="N", help="show the N likeliest words")
-    add(
-        "--generate",
-        type=int,
-        metavar="N",
-        help="continue the text N words, printed as they come",
-    )
-    add(
-        "--temperature",
-        type=float,
-        help="sample --generate words at this temperature (default: greedy)",
-    )
+    add("--generate", type=int, metavar="N",
+        help="continue the text N words, printed as they come")
+    add("--temperature", type=float,
+        help="sample --generate words at this temperature (default: greedy)")
     add("--seed", type=int, help="seed for sampling")
-    add(
-        "--model-dir",
-        default="saved_model",
-        metavar="DIR",
-        help="the bundle model.py wrote",
-    )
-    add(
-        "--eval",
-        metavar="FILE",
-        help="report top-1/top-5 accuracy and perplexity on a text file",
-    )
-    add(
-        "--encoding",
-        default="utf-8",
-        help="text encoding of --eval FILE and of queries on stdin",
-    )
-    add(
-        "--explain",
-        action="store_true",
-        help="also show the experts each text went to, with gate weights",
-    )
-    add(
-        "--export",
-        metavar="DIR",
+    add("--model-dir", default="saved_model", metavar="DIR",
+        help="the bundle model.py wrote")
+    add("--eval", metavar="FILE",
+        help="report top-1/top-5 accuracy and perplexity on a text file")
+    add("--encoding", default="utf-8",
+        help="text encoding of --eval FILE and of queries on stdin")
+    add("--explain", action="store_true",
+        help="also show the experts each text went to, with gate weights")
+    add("--export", metavar="DIR",
         help="write a TensorFlow SavedModel (raw strings in, next word and "
-        "probability out) to the new folder DIR, e.g. export/moe/1",
-    )
+        "probability out) to the new folder DIR, e.g. export/moe/1")
     http = parser.add_argument_group("HTTP server (--http)").add_argument
     http("--http", action="store_true", help="serve the JSON API over HTTP")
     http("--host", default="127.0.0.1", help="address")
     http("--port", type=int, default=8000, help="port, 0: any free one")
-    http(
-        "--batch-wait-ms",
-        type=float,
-        default=2.0,
-        metavar="MS",
-        help="longest a request waits to share a model call",
-    )
-    http(
-        "--max-batch",
-        type=int,
-        default=64,
-        metavar="N",
-        help="most texts per model call; 1: no batching",
-    )
-    http(
-        "--max-instances",
-        type=int,
-        default=64,
-        metavar="N",
-        help="most texts per request",
-    )
+    http("--batch-wait-ms", type=float, default=2.0, metavar="MS",
+         help="longest a request waits to share a model call")
+    http("--max-batch", type=int, default=64, metavar="N",
+         help="most texts per model call; 1: no batching")
+    http("--max-instances", type=int, default=64, metavar="N",
+         help="most texts per request")
     http("--max-body-kb", type=int, default=1024, metavar="KB",
-         help="largest request body in KiB")  # fmt: skip
+         help="largest request body in KiB")
+    # fmt: on
     return parser.parse_args(argv)
 
 
@@ -186,38 +146,11 @@ def run_stream(predictor, args, lines, interactive: bool) -> None:
             print(e if interactive else "", flush=True)
 
 
-def typed_lines():
-    """Lines typed at a `> ` prompt, until end of input or Ctrl-C."""
-    while True:
-        try:
-            yield input("> ")
-        except UnicodeDecodeError as e:
-            print(f"not valid text ({e.reason}); try again")
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return
-
-
-def piped_lines(binary, encoding: str):
-    """The lines of a binary stream as text; an undecodable one as "".
-
-    An empty line gets an empty answer, so answers stay aligned with their
-    lines; the bad line is named on stderr.
-    """
-    for number, raw in enumerate(binary, start=1):
-        try:
-            yield raw.decode(encoding)
-        except UnicodeDecodeError as e:
-            print(f"serve.py: line {number} is not {encoding} text (byte "
-                  f"{e.start}); skipped", file=sys.stderr)  # fmt: skip
-            yield ""
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = check_args(args)
-        # What can be checked before TensorFlow loads (a second or so).
+        # What can be checked before TensorFlow loads.
         bundle.check_bundle(args.model_dir)
         text = corpus.read_text(args.eval, args.encoding) if args.eval else ""
         with cli.loading_tensorflow():
@@ -247,9 +180,9 @@ def main(argv: list[str] | None = None) -> int:
             for query in args.texts:
                 answer(predictor, args, query)
         elif sys.stdin.isatty():
-            run_stream(predictor, args, typed_lines(), interactive=True)
+            run_stream(predictor, args, cli.typed_lines(), interactive=True)
         else:
-            lines = piped_lines(sys.stdin.buffer, args.encoding)
+            lines = cli.piped_lines(sys.stdin.buffer, args.encoding, "serve.py")
             run_stream(predictor, args, lines, interactive=False)
     except KeyboardInterrupt:
         return 130

@@ -139,3 +139,33 @@ def ignore_dropped_interrupts(unraisable) -> None:
     """`sys.unraisablehook` that is quiet about dropped interrupts only."""
     if not isinstance(unraisable.exc_value, KeyboardInterrupt):
         sys.__unraisablehook__(unraisable)
+
+
+def typed_lines():
+    """Lines typed at a `> ` prompt, until end of input or Ctrl-C."""
+    while True:
+        try:
+            yield input("> ")
+        except UnicodeDecodeError as e:
+            print(f"not valid text ({e.reason}); try again")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+
+
+def piped_lines(binary, encoding: str, prog: str):
+    """The lines of a binary stream as text; an undecodable one as "".
+
+    A bad line is named on stderr and stands as an empty line, so that a
+    line-per-line answer stays aligned with the input.
+    """
+    for number, raw in enumerate(binary, start=1):
+        try:
+            yield raw.decode(encoding)
+        except UnicodeDecodeError as e:
+            print(
+                f"{prog}: line {number} is not {encoding} text (byte "
+                f"{e.start}); skipped",
+                file=sys.stderr,
+            )
+            yield ""

@@ -1,9 +1,10 @@
-"""Training the next-word model: data, model, `train()`.
+"""Training the next-word model: `train()`, the model and the summary.
 
 `train(config)` (settings: `moe.lm.training_config.TrainingConfig`) checks
 the settings, reads the corpus, builds the tokenizer and the `tf.data`
-pipelines, trains, and saves the bundle; it returns the summary that
-`training.json` records.
+pipelines (`moe.lm.training_data`), builds and trains the model, and saves
+the bundle; it returns the summary that `training.json` records. The
+settings and data functions are importable from here too.
 
 The checks run cheapest first, so that a mistake is reported before time
 is spent: `validate` (the settings it owns, the output folder and the
@@ -29,17 +30,22 @@ import math
 import os
 import threading
 import time
-from typing import NamedTuple
 
 import numpy as np
 
-from moe.lm import bundle, corpus, distribute
-from moe.lm.tokenizer import Tokenizer
+from moe.lm import architectures, bundle, distribute
 from moe.lm.training_config import (
     ConfigError,
     TrainingConfig,
     validate,
     with_defaults,
+)
+from moe.lm.training_data import (
+    examples_per_epoch,
+    load_corpus,
+    make_datasets,
+    prepare_data,
+    validation_dataset,
 )
 
 # Training memory per parameter: float32 weights, gradients and Adam's two
@@ -49,51 +55,6 @@ BYTES_PER_PARAMETER = 16
 
 class TrainingError(RuntimeError):
     """Training failed in a way the user can act on (diverged, memory)."""
-
-
-class PreparedData(NamedTuple):
-    """The tokenizer, the token stream and the target positions."""
-
-    tokenizer: Tokenizer
-    tokens: np.ndarray
-    starts: np.ndarray
-    train_positions: np.ndarray
-    val_positions: np.ndarray
-
-
-def load_corpus(config: TrainingConfig) -> list[str]:
-    """The corpus texts (raises `moe.lm.corpus.CorpusError`)."""
-    if not config.corpus:
-        return [corpus.default_corpus_text()]
-    return [corpus.read_text(p, config.encoding) for p in config.corpus]
-
-
-def prepare_data(config: TrainingConfig, texts: list[str]) -> PreparedData:
-    """Tokenizer, token stream and the train / validation target positions.
-
-    The validation positions are the targets in the last
-    `validation_split` fraction of the token stream (their contexts may
-    reach back into the training part, as when continuing a text).
-
-    Raises:
-        moe.lm.corpus.CorpusError: too few words for both parts.
-    """
-    tokenizer = Tokenizer.fit(texts, config.vocab_size)
-    tokens, starts = corpus.token_stream(tokenizer, texts)
-    if len(tokens) < 2:
-        raise corpus.CorpusError(
-            f"the corpus has {len(tokens)} word(s); at least 2 are needed"
-        )
-    split = len(tokens) - max(1, round(len(tokens) * config.validation_split))
-    positions = corpus.pair_positions(starts)
-    train, val = positions[positions < split], positions[positions >= split]
-    if len(train) == 0 or len(val) == 0:
-        raise corpus.CorpusError(
-            f"the corpus is too small: {len(tokens)} words give "
-            f"{len(train)} training and {len(val)} validation pairs; add "
-            "text or change `validation_split`"
-        )
-    return PreparedData(tokenizer, tokens, starts, train, val)
 
 
 def check_memory(config: TrainingConfig, vocab_size: int) -> int:
@@ -107,8 +68,6 @@ def check_memory(config: TrainingConfig, vocab_size: int) -> int:
     Raises:
         ConfigError: more than the machine's physical memory.
     """
-    from moe.lm import architectures
-
     config = with_defaults(config)
     parameters = architectures.count_parameters(
         **model_arguments(config, vocab_size), architecture=config.architecture
@@ -172,8 +131,6 @@ def build(config: TrainingConfig, vocab_size: int):
         ConfigError: a setting the layers reject, with their message (they
             name their arguments, which are `TrainingConfig` fields).
     """
-    from moe.lm import architectures
-
     builder = {
         "pooled": architectures.build_model,
         "transformer": architectures.build_transformer_model,
@@ -197,74 +154,6 @@ def jit_compile(config: TrainingConfig) -> bool | str:
     if config.jit_compile == "auto":
         return "auto"
     return config.jit_compile == "on"
-
-
-def make_datasets(
-    config: TrainingConfig, tokens, starts, train_pos, val_pos, replicas=1
-):
-    """The shuffled training and the ordered validation `tf.data` pipelines.
-
-    Pairs (`data.make_dataset`), or windows (`data.make_window_dataset`)
-    with `--train-positions all`. With `replicas` > 1 (a `tf.distribute`
-    strategy), the first validation batch splits evenly over them: Keras
-    builds a model's evaluation from the replicas' mean of that batch
-    (`_maybe_symbolic_build` in Keras's TensorFlow trainer), which fails on
-    unequal shares, as when the validation part is under one batch.
-
-    Raises:
-        ConfigError: fewer validation examples than replicas.
-    """
-    config = with_defaults(config)
-    make = _dataset_builder(config)
-    train_ds = make(
-        tokens, starts, train_pos, config.max_seq_len, config.batch_size,
-        shuffle_seed=config.seed,
-    )  # fmt: skip
-    return train_ds, validation_dataset(
-        config, tokens, starts, val_pos, replicas
-    )
-
-
-def validation_dataset(config: TrainingConfig, tokens, starts, val_pos,
-                       replicas=1):  # fmt: skip
-    """`make_datasets`'s validation pipeline alone (same rules)."""
-    config = with_defaults(config)
-    make = _dataset_builder(config)
-    first = min(
-        config.batch_size,
-        examples_per_epoch(config, starts, val_pos, shuffled=False),
-    )
-    if first < replicas:
-        raise ConfigError(
-            f"the validation part has {first} examples, fewer than the "
-            f"{replicas} replicas: raise `validation_split`"
-        )
-    batch_size = config.batch_size
-    if first % replicas:
-        batch_size = first - first % replicas
-    return make(tokens, starts, val_pos, config.max_seq_len, batch_size)
-
-
-def _dataset_builder(config: TrainingConfig):
-    # Pairs, or windows with `--train-positions all` (same signature).
-    from moe.lm import data
-
-    if config.train_positions == "all":
-        return data.make_window_dataset
-    return data.make_dataset
-
-
-def examples_per_epoch(config: TrainingConfig, starts, positions,
-                       shuffled=True) -> int:  # fmt: skip
-    """Examples (pairs or windows) in the shortest epoch over `positions`."""
-    from moe.lm import data
-
-    config = with_defaults(config)
-    if config.train_positions == "all":
-        return data.window_count(
-            positions, starts, config.max_seq_len, shuffled=shuffled
-        )
-    return len(positions)
 
 
 def train(
@@ -323,7 +212,7 @@ def _fit(config, texts, task, verbose, callbacks, strategy, interrupted):
     """Trains; returns `(summary, model, tokenizer, figures)`."""
     import keras
 
-    from moe.lm import architectures, plots
+    from moe.lm import plots
     from moe.lm.expert_load import ExpertLoadCallback
 
     try:
@@ -333,33 +222,122 @@ def _fit(config, texts, task, verbose, callbacks, strategy, interrupted):
         raise ConfigError(str(e)) from None
     started = time.perf_counter()
     keras.utils.set_random_seed(config.seed)
-    tokenizer, tokens, starts, train_pos, val_pos = prepare_data(config, texts)
-    check_memory(config, tokenizer.vocab_size)
+    data = prepare_data(config, texts)
+    check_memory(config, data.tokenizer.vocab_size)
+    train_ds, val_ds = _datasets(config, data, strategy)
+    model, trained = _compiled_models(config, data.tokenizer, strategy)
+    # Per-expert load on a fixed validation sample, on every backend; after
+    # early stopping so that its final load is that of the restored weights.
+    load = ExpertLoadCallback(
+        _load_sample(config, data), log_dir=config.tensorboard
+    )
+    board = []
+    if config.tensorboard:
+        board = [
+            keras.callbacks.TensorBoard(config.tensorboard, write_graph=False)
+        ]
+    callbacks = [
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss",
+            patience=config.patience,
+            restore_best_weights=True,
+        ),
+        load,
+        *board,
+        *callbacks,
+        _stop_when(interrupted),
+    ]
+    history = _run_fit(trained, train_ds, val_ds, config, callbacks, verbose)
+    _check_finite(history, model)
+    # The restored best weights, measured again on the serving task.
+    if trained is not model:
+        val_ds = _serving_task(config, data, strategy)
+    metrics = model.evaluate(val_ds, return_dict=True, verbose=0)
+    validation = {
+        k: float(metrics[k])
+        for k in ("loss", "accuracy", "top5_accuracy", "perplexity")
+    }
+    if not math.isfinite(validation["loss"]):
+        raise TrainingError(_DIVERGED.format(what="the validation loss"))
+    history = {k: [float(v) for v in vs] for k, vs in history.items()}
+    summary = {
+        "config": dataclasses.asdict(config),
+        "vocab_size": data.tokenizer.vocab_size,
+        "tokens": len(data.tokens),
+        "pairs": {
+            "train": len(data.train_positions),
+            "validation": len(data.val_positions),
+        },
+        "epochs_run": len(history["loss"]),
+        "validation": validation,
+        "history": history,
+        "expert_load": {"per_epoch": load.history, "final": load.final},
+        "distribution": distribute.describe(strategy, task),
+        "seconds": round(time.perf_counter() - started, 2),
+        "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": _versions(),
+        "runtime": _runtime(),
+    }
+    figures = {
+        bundle.TRAINING_FIGURE: plots.training_png(history),
+        bundle.EXPERTS_FIGURE: plots.experts_png(load.history, load.final),
+    }
+    if interrupted.is_set():
+        raise KeyboardInterrupt
+    return summary, model, data.tokenizer, figures
+
+
+def _datasets(config, data, strategy):
+    """`make_datasets`'s pipelines, set up for `strategy`."""
     replicas = 1 if strategy is None else strategy.num_replicas_in_sync
     train_ds, val_ds = make_datasets(
-        config, tokens, starts, train_pos, val_pos, replicas
+        config, data.tokens, data.starts, data.train_positions,
+        data.val_positions, replicas,
+    )  # fmt: skip
+    if strategy is None:
+        return train_ds, val_ds
+    try:
+        train_ds = distribute.whole_batches(
+            train_ds,
+            examples_per_epoch(config, data.starts, data.train_positions),
+            config.batch_size,
+        )
+    except distribute.StrategyError as e:
+        raise ConfigError(str(e)) from None
+    return (
+        distribute.distribute_options(train_ds),
+        distribute.distribute_options(val_ds),
     )
-    if strategy is not None:
-        try:
-            train_ds = distribute.whole_batches(
-                train_ds,
-                examples_per_epoch(config, starts, train_pos),
-                config.batch_size,
-            )
-        except distribute.StrategyError as e:
-            raise ConfigError(str(e)) from None
-        train_ds = distribute.distribute_options(train_ds)
-        val_ds = distribute.distribute_options(val_ds)
-    # Under a strategy, the model's variables are mirrored on every replica.
-    # `model` is the one serving uses; `trained` is the one `fit` trains:
-    # itself, or with `--train-positions all` the same layers predicting at
-    # every position of a window.
+
+
+def _serving_task(config, data, strategy):
+    """The validation pipeline of the serving task: the next word after
+    each whole validation context."""
+    replicas = 1 if strategy is None else strategy.num_replicas_in_sync
+    val_ds = validation_dataset(
+        dataclasses.replace(config, train_positions="last"),
+        data.tokens, data.starts, data.val_positions, replicas,
+    )  # fmt: skip
+    if strategy is None:
+        return val_ds
+    return distribute.distribute_options(val_ds)
+
+
+def _compiled_models(config, tokenizer, strategy):
+    """`(model, trained)`, compiled in `strategy`'s scope.
+
+    `model` is the one serving uses; `trained` the one `fit` trains: the
+    same model, or with `--train-positions all` the same layers predicting
+    at every position of a window. Under a strategy, the variables are
+    mirrored on every replica.
+    """
     with distribute.scope(strategy):
         model = build(config, tokenizer.vocab_size)
         trained = model
         if config.train_positions == "all":
             trained = architectures.every_position_model(model)
-        if trained is not model:  # compiled for `evaluate` and the bundle
+            # `model` is compiled too, for `evaluate` and the bundle.
             architectures.compile_model(model, config.learning_rate)
         architectures.compile_model(
             trained,
@@ -372,82 +350,24 @@ def _fit(config, texts, task, verbose, callbacks, strategy, interrupted):
             ),
             jit_compile=jit_compile(config),
         )
-    stop = keras.callbacks.EarlyStopping(
-        monitor="val_loss", patience=config.patience, restore_best_weights=True
-    )
-    # Per-expert load on a fixed validation sample, on every backend; after
-    # `stop` so that its final load is that of the restored weights.
-    load = ExpertLoadCallback(
-        _load_sample(config, tokens, starts, val_pos),
-        log_dir=config.tensorboard,
-    )
-    board = []
-    if config.tensorboard:
-        board = [
-            keras.callbacks.TensorBoard(config.tensorboard, write_graph=False)
-        ]
+    return model, trained
+
+
+def _run_fit(trained, train_ds, val_ds, config, callbacks, verbose) -> dict:
+    """`trained.fit(...)`'s history; running out of memory is a user error."""
+    import tensorflow as tf
+
     try:
-        history = trained.fit(
+        return trained.fit(
             train_ds,
             validation_data=val_ds,
             epochs=config.epochs,
-            callbacks=[
-                keras.callbacks.TerminateOnNaN(),
-                stop,
-                load,
-                *board,
-                *callbacks,
-                _stop_when(interrupted),
-            ],  # fmt: skip
+            callbacks=callbacks,
             shuffle=False,  # the dataset shuffles itself, reproducibly
             verbose=verbose,
-        )
-    except MemoryError:
+        ).history
+    except (MemoryError, tf.errors.ResourceExhaustedError):
         raise TrainingError(_OUT_OF_MEMORY) from None
-    except Exception as e:
-        if type(e).__name__ == "ResourceExhaustedError":  # TensorFlow's OOM
-            raise TrainingError(_OUT_OF_MEMORY) from None
-        raise
-    _check_finite(history.history, model)
-    # The restored best weights, measured again on the serving task: the
-    # next word after each validation context.
-    if trained is not model:
-        val_ds = validation_dataset(
-            dataclasses.replace(config, train_positions="last"),
-            tokens, starts, val_pos, replicas,
-        )  # fmt: skip
-        if strategy is not None:
-            val_ds = distribute.distribute_options(val_ds)
-    metrics = model.evaluate(val_ds, return_dict=True, verbose=0)
-    summary = {
-        "config": dataclasses.asdict(config),
-        "vocab_size": tokenizer.vocab_size,
-        "tokens": len(tokens),
-        "pairs": {"train": len(train_pos), "validation": len(val_pos)},
-        "epochs_run": len(history.history["loss"]),
-        "validation": {
-            k: float(metrics[k])
-            for k in ("loss", "accuracy", "top5_accuracy", "perplexity")
-        },
-        "history": {
-            k: [float(v) for v in vs] for k, vs in history.history.items()
-        },
-        "expert_load": {"per_epoch": load.history, "final": load.final},
-        "distribution": distribute.describe(strategy, task),
-        "seconds": round(time.perf_counter() - started, 2),
-        "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "versions": _versions(),
-        "runtime": _runtime(),
-    }
-    if not math.isfinite(summary["validation"]["loss"]):
-        raise TrainingError(_DIVERGED.format(what="the validation loss"))
-    figures = {
-        bundle.TRAINING_FIGURE: plots.training_png(summary["history"]),
-        bundle.EXPERTS_FIGURE: plots.experts_png(load.history, load.final),
-    }
-    if interrupted.is_set():
-        raise KeyboardInterrupt
-    return summary, model, tokenizer, figures
 
 
 _DIVERGED = (
@@ -472,13 +392,13 @@ def _check_finite(history: dict, model) -> None:
         raise TrainingError(_DIVERGED.format(what="a weight"))
 
 
-def _load_sample(config, tokens, starts, val_pos):
+def _load_sample(config, data):
     """Up to 1024 validation contexts for `ExpertLoadCallback`."""
-    from moe.lm import data
+    from moe.lm.data import contexts
 
-    sample = val_pos[:1024]
-    return data.contexts(
-        tokens, sample, starts[sample], config.max_seq_len
+    sample = data.val_positions[:1024]
+    return contexts(
+        data.tokens, sample, data.starts[sample], config.max_seq_len
     ).numpy()
 
 

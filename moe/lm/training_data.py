@@ -1,0 +1,129 @@
+"""The data of a training run: corpus -> tokenizer -> `tf.data` pipelines.
+
+`load_corpus` reads `TrainingConfig.corpus` (or the built-in corpus),
+`prepare_data` fits the tokenizer and splits the token stream into training
+and validation targets, `make_datasets` builds the shuffled training and the
+ordered validation pipelines (`moe.lm.data`) for the configured
+architecture. Nothing here imports TensorFlow until a pipeline is built.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from moe.lm import corpus
+from moe.lm.tokenizer import Tokenizer
+from moe.lm.training_config import ConfigError, TrainingConfig, with_defaults
+
+
+class PreparedData(NamedTuple):
+    """The tokenizer, the token stream and the target positions."""
+
+    tokenizer: Tokenizer
+    tokens: np.ndarray
+    starts: np.ndarray
+    train_positions: np.ndarray
+    val_positions: np.ndarray
+
+
+def load_corpus(config: TrainingConfig) -> list[str]:
+    """The corpus texts (raises `moe.lm.corpus.CorpusError`)."""
+    if not config.corpus:
+        return [corpus.default_corpus_text()]
+    return [corpus.read_text(p, config.encoding) for p in config.corpus]
+
+
+def prepare_data(config: TrainingConfig, texts: list[str]) -> PreparedData:
+    """Tokenizer, token stream and the train / validation target positions.
+
+    The validation positions are the targets in the last
+    `validation_split` fraction of the token stream (their contexts may
+    reach back into the training part, as when continuing a text).
+
+    Raises:
+        moe.lm.corpus.CorpusError: too few words for both parts.
+    """
+    tokenizer = Tokenizer.fit(texts, config.vocab_size)
+    tokens, starts = corpus.token_stream(tokenizer, texts)
+    if len(tokens) < 2:
+        raise corpus.CorpusError(
+            f"the corpus has {len(tokens)} word(s); at least 2 are needed"
+        )
+    split = len(tokens) - max(1, round(len(tokens) * config.validation_split))
+    positions = corpus.pair_positions(starts)
+    train, val = positions[positions < split], positions[positions >= split]
+    if len(train) == 0 or len(val) == 0:
+        raise corpus.CorpusError(
+            f"the corpus is too small: {len(tokens)} words give "
+            f"{len(train)} training and {len(val)} validation pairs; add "
+            "text or change `validation_split`"
+        )
+    return PreparedData(tokenizer, tokens, starts, train, val)
+
+
+def make_datasets(
+    config: TrainingConfig, tokens, starts, train_pos, val_pos, replicas=1
+):
+    """The shuffled training and the ordered validation `tf.data` pipelines.
+
+    Pairs (`data.make_dataset`), or windows (`data.make_window_dataset`)
+    with `--train-positions all`. With `replicas` > 1 (a `tf.distribute`
+    strategy), the first validation batch splits evenly over them: Keras
+    builds a model's evaluation from the replicas' mean of that batch
+    (`_maybe_symbolic_build` in Keras's TensorFlow trainer), which fails on
+    unequal shares, as when the validation part is under one batch.
+
+    Raises:
+        ConfigError: fewer validation examples than replicas.
+    """
+    config = with_defaults(config)
+    make = _dataset_builder(config)
+    train_ds = make(
+        tokens, starts, train_pos, config.max_seq_len, config.batch_size,
+        shuffle_seed=config.seed,
+    )  # fmt: skip
+    return train_ds, validation_dataset(
+        config, tokens, starts, val_pos, replicas
+    )
+
+
+def validation_dataset(config: TrainingConfig, tokens, starts, val_pos,
+                       replicas=1):  # fmt: skip
+    """`make_datasets`'s validation pipeline alone (same rules)."""
+    config = with_defaults(config)
+    make = _dataset_builder(config)
+    first = min(
+        config.batch_size,
+        examples_per_epoch(config, starts, val_pos, shuffled=False),
+    )
+    if first < replicas:
+        raise ConfigError(
+            f"the validation part has {first} examples, fewer than the "
+            f"{replicas} replicas: raise `validation_split`"
+        )
+    batch_size = config.batch_size
+    if first % replicas:
+        batch_size = first - first % replicas
+    return make(tokens, starts, val_pos, config.max_seq_len, batch_size)
+
+
+def _dataset_builder(config: TrainingConfig):
+    # Pairs, or windows with `--train-positions all` (same signature).
+    from moe.lm import data
+
+    if config.train_positions == "all":
+        return data.make_window_dataset
+    return data.make_dataset
+
+
+def examples_per_epoch(config: TrainingConfig, starts, positions,
+                       shuffled=True) -> int:  # fmt: skip
+    """Examples (pairs or windows) in the shortest epoch over `positions`."""
+    from moe.lm import data
+
+    config = with_defaults(config)
+    if config.train_positions == "all":
+        return data.window_count(
+            positions, starts, config.max_seq_len, shuffled=shuffled
+        )
+    return len(positions)
