@@ -80,6 +80,17 @@ def reference_route(predictor, text):
     return sorted(pairs, key=lambda pair: -pair[1])
 
 
+def stand_in(predictor, **changes):
+    """`predictor` with some of what the server uses replaced."""
+    parts = {
+        "model": predictor.model,
+        "tokenizer": predictor.tokenizer,
+        "max_seq_len": predictor.max_seq_len,
+        "explain": predictor.explain,
+    }
+    return types.SimpleNamespace(**{**parts, **changes})
+
+
 def check_prediction(predictor, text, top, answer, probs=None):
     """`answer` agrees with `NextWordPredictor` on `text` (ties allowed).
 
@@ -252,12 +263,7 @@ def test_a_bug_is_a_500_with_a_json_body(lm_predictor, training):
     def broken_explain(texts, top):
         raise RuntimeError("bug")
 
-    predictor = types.SimpleNamespace(
-        model=lm_predictor.model,
-        tokenizer=lm_predictor.tokenizer,
-        max_seq_len=lm_predictor.max_seq_len,
-        explain=broken_explain,
-    )
+    predictor = stand_in(lm_predictor, explain=broken_explain)
 
     async def body(session, app):
         async with session.post(
@@ -413,12 +419,7 @@ def test_graceful_shutdown_finishes_in_flight_requests(lm_predictor, training):
         time.sleep(0.5)
         return lm_predictor.explain(texts, top)
 
-    predictor = types.SimpleNamespace(
-        model=lm_predictor.model,
-        tokenizer=lm_predictor.tokenizer,
-        max_seq_len=lm_predictor.max_seq_len,
-        explain=slow_explain,
-    )
+    predictor = stand_in(lm_predictor, explain=slow_explain)
 
     async def main():
         app = create_app(predictor, training)
@@ -648,12 +649,7 @@ def test_past_max_pending_requests_get_503(lm_predictor):
         release.wait(10)
         return lm_predictor.explain(texts, top)
 
-    predictor = types.SimpleNamespace(
-        model=lm_predictor.model,
-        tokenizer=lm_predictor.tokenizer,
-        max_seq_len=lm_predictor.max_seq_len,
-        explain=held_explain,
-    )
+    predictor = stand_in(lm_predictor, explain=held_explain)
     config = ServerConfig(max_pending=2, max_batch=1)
 
     async def body(session, app):
@@ -689,12 +685,7 @@ def test_request_texts_are_tokenized_off_the_event_loop(lm_predictor):
             encode_threads.append(threading.get_ident())
             return tokenizer.encode(text)
 
-    predictor = types.SimpleNamespace(
-        model=lm_predictor.model,
-        tokenizer=RecordingTokenizer(),
-        max_seq_len=lm_predictor.max_seq_len,
-        explain=lm_predictor.explain,
-    )
+    predictor = stand_in(lm_predictor, tokenizer=RecordingTokenizer())
 
     async def body(session, app):
         loop_threads.append(threading.get_ident())
