@@ -14,7 +14,8 @@ def exports(package: str, public: dict[str, str]):
 
     Args:
         package: the package's `__name__`.
-        public: `{name: module that defines it}`.
+        public: `{name: module that defines it}`; a submodule of the
+            package is its own entry (`{"routers": "moe.routers"}`).
 
     Example (in a package's `__init__.py`):
         __getattr__, __dir__ = exports(__name__, {"MoELayer": "moe.moe_layer"})
@@ -27,7 +28,9 @@ def exports(package: str, public: dict[str, str]):
             raise AttributeError(
                 f"module {package!r} has no attribute {name!r}"
             )
-        value = getattr(importlib.import_module(module), name)
+        value = importlib.import_module(module)
+        if module != f"{package}.{name}":  # a name defined in `module`
+            value = getattr(value, name)
         namespace[name] = value  # found directly next time
         return value
 

@@ -140,16 +140,6 @@ def test_cheap_checks_answer_before_tensorflow_loads(argv, expected):
         assert expected in result.stderr.strip().splitlines()[-1]
 
 
-def test_importing_the_application_does_not_load_keras():
-    code = (
-        "import sys, moe, moe.lm, moe.lm.cli, moe.lm.training, "
-        "moe.lm.bundle, moe.lm.server; "
-        "print(sorted({'keras', 'tensorflow'} & set(sys.modules)))"
-    )
-    result = run_script("-c", code, timeout=60)
-    assert result.stdout.strip() == "[]", result.stderr
-
-
 def test_same_seed_same_vocabulary_and_metrics(tmp_path, lm_corpus_file):
     runs = []
     for name in ("a", "b"):

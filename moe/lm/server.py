@@ -379,11 +379,14 @@ def _layer_info(layer) -> dict:
     from moe.lm.explain import moe_layer_of
 
     moe_layer = moe_layer_of(layer)
+    routing = moe_layer.routing  # a name, or a router object
     return {
         "name": layer.name,
         "num_experts": int(moe_layer.num_experts),
         "experts_per_input": int(moe_layer.experts_per_input),
-        "routing": moe_layer.routing,
+        "routing": routing
+        if isinstance(routing, str)
+        else type(routing).__name__,
         "capacity_factor": moe_layer.capacity_factor,
     }
 
