@@ -15,8 +15,9 @@ is the last `--validation-split` of the corpus, as in `model.py`):
   of the same *active* parameters: one expert of width top_k x hidden_dim,
   `--routing soft` (one expert, weight 1: exactly a dense FFN).
 
-Each neural model is trained by `model.train` (same data pipeline, Adam,
-early stopping on validation loss with the best weights restored) with a
+Each neural model is trained by `moe.lm.training.train` (same data
+pipeline, Adam, early stopping on validation loss with the best weights
+restored) with a
 budget of `--seconds` of training time: a callback stops training when the
 time spent in training steps passes the budget (validation passes and the
 first step, which traces the graph, are not counted). Every model trains

@@ -9,7 +9,7 @@
   runs each.
 
 The bundle comes from `--model-dir`, or is trained first into a temporary
-directory with `model.train` (what `python model.py` runs) on the
+directory with `moe.lm.training.train` (what `python model.py` runs) on the
 built-in corpus (model.py's defaults; `--quick`: 1 epoch, tiny sizes).
 
 Targets (issue #5): warm p50 <= 2 ms; cold serve.py <= 1.5 s more than bare
