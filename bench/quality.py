@@ -18,9 +18,9 @@ is the last `--validation-split` of the corpus, as in `model.py`):
 Each neural model is trained by `moe.lm.training.train` (same data
 pipeline, Adam, early stopping on validation loss with the best weights
 restored) with a budget of `--seconds` of training time: a callback stops
-training when the
-time spent in training steps passes the budget (validation passes and the
-first step, which traces the graph, are not counted). Every model trains
+training when the time spent in training steps passes the budget
+(validation passes and the first step, which traces the graph, are not
+counted). Every model trains
 with `--seed`, so a rerun differs only by how many steps fit in the time.
 
 Usage:
