@@ -170,6 +170,23 @@ def test_output_rule_refuses_what_a_bundle_would_destroy(tmp_path, make, words):
     assert snapshot(tmp_path) == before  # nothing written, nothing lost
 
 
+def test_a_readme_in_the_bundle_folder_survives_every_save(tmp_path):
+    target = tmp_path / "saved_model"
+    target.mkdir()
+    readme = "# saved_model/\n\nMy notes about this folder.\n"
+    (target / "README.md").write_text(readme)
+    (target / "README.md").chmod(0o640)
+    for seed in (1, 2):
+        save(target, seed=seed)
+        assert (target / "README.md").read_text() == readme
+        assert stat.S_IMODE((target / "README.md").stat().st_mode) == 0o640
+        assert bundle.load_bundle(target).training == {"seed": seed}
+    (target / "notes.txt").write_text("another file")
+    with pytest.raises(bundle.BundleError, match=r"\(notes.txt\)"):
+        save(target, seed=3)
+    assert (target / "README.md").read_text() == readme
+
+
 def test_output_rule_refuses_the_current_folder(tmp_path, monkeypatch):
     (tmp_path / "work").mkdir()
     monkeypatch.chdir(tmp_path / "work")

@@ -12,9 +12,10 @@ A bundle is a folder holding
 Nothing a user has is lost or half-overwritten:
 
 - The output rule (`check_output`): a bundle is written only to a folder
-  that does not exist, is empty, or holds a bundle and nothing else; any
-  other file there, a plain file in its place, the current folder or one
-  above it, or a place that cannot be written, is refused up front.
+  that does not exist, is empty, or holds a bundle and nothing else but a
+  `README.md` (`KEPT_FILES`, carried over into every new bundle); any other
+  file there, a plain file in its place, the current folder or one above
+  it, or a place that cannot be written, is refused up front.
 - The lock (`OutputLock`): `.<name>.lock` beside the folder, held with
   `fcntl.flock` by the run that writes it, so two runs never interleave;
   the kernel releases it when the process ends, however it ends.
@@ -59,6 +60,9 @@ EXPERTS_FIGURE = "experts.png"
 REQUIRED_FILES = (MODEL_FILE, TOKENIZER_FILE, MAX_SEQ_LEN_FILE)
 OPTIONAL_FILES = (TRAINING_FILE, TRAINING_FIGURE, EXPERTS_FIGURE)
 BUNDLE_FILES = REQUIRED_FILES + OPTIONAL_FILES
+# Files of the user's that a bundle folder may also hold: never written by a
+# save, carried over into the new bundle by each one.
+KEPT_FILES = ("README.md",)
 # How long a load waits for a bundle another process is swapping in.
 SWAP_WAIT_S = 5.0
 
@@ -109,7 +113,7 @@ def check_output(directory: str | Path) -> Path:
         foreign = sorted(
             entry.name
             for entry in target.iterdir()
-            if entry.name not in BUNDLE_FILES
+            if entry.name not in BUNDLE_FILES + KEPT_FILES
             or entry.is_symlink()
             or not entry.is_file()
         )
@@ -254,6 +258,9 @@ def save_bundle(
         staging = _new_folder(target.parent / f".{target.name}.tmp-")
         try:
             _write_parts(staging, *parts)
+            for name in KEPT_FILES:
+                if (target / name).is_file():
+                    shutil.copy2(target / name, staging / name)
             _swap_in(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
