@@ -19,6 +19,7 @@ LAYER_TESTS = [
     "test_gating_network.py",
     "test_routings.py",
     "test_transformer.py",
+    "test_legacy_files.py",
 ]
 OTHER_BACKENDS = [
     b for b in ("tensorflow", "jax", "torch") if b != keras.backend.backend()

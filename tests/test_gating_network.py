@@ -78,6 +78,9 @@ def test_config_round_trip_and_errors():
         moe.GatingNetwork(num_experts=4, top_k=5)
     with pytest.raises(ValueError, match="Received: num_experts=0"):
         moe.GatingNetwork(num_experts=0)
+    for bad in (float("nan"), -0.1, 1.0, "0.1"):
+        with pytest.raises(ValueError, match="Received: jitter_noise="):
+            moe.GatingNetwork(num_experts=4, jitter_noise=bad)
 
 
 def test_symbolic_call_in_functional_model():

@@ -50,6 +50,12 @@ def to_numpy(x):
         (dict(intermediate_dim=0), "Received: intermediate_dim=0"),
         (dict(dropout=1.0), "Received: dropout=1.0"),
         (dict(layer_norm_epsilon=0), "Received: layer_norm_epsilon=0"),
+        (
+            dict(layer_norm_epsilon=float("inf")),
+            "Received: layer_norm_epsilon=inf",
+        ),
+        (dict(dropout=float("nan")), "Received: dropout=nan"),
+        (dict(num_heads="2"), "Received: num_heads='2'"),
         (dict(top_k=5), r"`num_experts` \(4\). Received: top_k=5"),
         (dict(routing="nope"), "Received: routing='nope'"),
         (
@@ -91,7 +97,7 @@ def test_output_shape_and_weights():
     assert block.compute_output_shape(x.shape) == x.shape
     paths = {w.path.split("/", 1)[1] for w in block.weights}
     moe_name = block.moe.name
-    assert f"{moe_name}/expert_in_kernel" in paths
+    assert f"{moe_name}/experts/expert_in_kernel" in paths
     assert "self_attention/query/kernel" in paths
     assert "feedforward_layer_norm/gamma" in paths
     expert_kernel = block.moe.expert_in_kernel
