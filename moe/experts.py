@@ -293,14 +293,37 @@ class _PerExpertInitializer:
         return ops.stack(slices)
 
 
+# The `MoELayer` arguments `make_experts` takes (besides `dtype`).
+EXPERT_ARGUMENTS = (
+    "num_experts",
+    "hidden_dim",
+    "output_dim",
+    "activation",
+    "gated",
+    "use_bias",
+    "kernel_initializer",
+    "bias_initializer",
+    "num_shared_experts",
+    "shared_expert_hidden_dim",
+    "shared_expert_gate",
+    "experts",
+)
+
+
 def make_experts(
     num_experts,
     hidden_dim,
-    experts,
+    output_dim,
+    activation,
+    gated,
+    use_bias,
+    kernel_initializer,
+    bias_initializer,
     num_shared_experts,
     shared_expert_hidden_dim,
     shared_expert_gate,
-    **expert_args,
+    experts,
+    dtype=None,
 ):
     """The routed and shared experts of an `MoELayer`, from its arguments.
 
@@ -308,8 +331,17 @@ def make_experts(
         `(routed, shared)`: an `Experts` (or a `LayerExperts` over
         `experts`), and the shared `Experts` or `None`.
     """
+    common = dict(
+        output_dim=output_dim,
+        activation=activation,
+        gated=gated,
+        use_bias=use_bias,
+        kernel_initializer=kernel_initializer,
+        bias_initializer=bias_initializer,
+        dtype=dtype,
+    )
     if experts is None:
-        routed = Experts(num_experts, hidden_dim, name="experts", **expert_args)
+        routed = Experts(num_experts, hidden_dim, name="experts", **common)
     else:
         routed = LayerExperts(experts, name="experts")
         if num_experts not in (None, routed.num_experts):
@@ -318,6 +350,7 @@ def make_experts(
                 f"({routed.num_experts}). Received: num_experts={num_experts}"
             )
     validation.integer("num_shared_experts", num_shared_experts, minimum=0)
+    validation.boolean("shared_expert_gate", shared_expert_gate)
     if not num_shared_experts:
         if shared_expert_gate:
             raise ValueError(
@@ -333,6 +366,22 @@ def make_experts(
         shared_expert_hidden_dim or hidden_dim,
         weight_prefix="shared_expert",
         name="shared_experts",
-        **expert_args,
+        **common,
     )
     return routed, shared
+
+
+def check_output_width(routed, shared, input_shape, output_dim):
+    """The routed and shared experts output `output_dim` features (or
+    agree, when it is unset); built experts only."""
+    widths = [
+        part.compute_output_shape(input_shape)[-1]
+        for part in (routed, shared)
+        if part is not None
+    ]
+    if len({*widths, output_dim or widths[0]}) > 1:
+        raise ValueError(
+            "The routed and shared experts must output `output_dim` "
+            f"features. Received: output widths {widths}, "
+            f"output_dim={output_dim}"
+        )

@@ -88,9 +88,7 @@ class GatingNetwork(keras.layers.Layer):
             )
         validation.boolean("normalize_top_k", normalize_top_k)
         validation.boolean("noisy", noisy)
-        validation.number(
-            "jitter_noise", jitter_noise, 0, 1, max_open=True
-        )
+        validation.number("jitter_noise", jitter_noise, 0, 1, max_open=True)
         if seed is not None:
             validation.integer("seed", seed, minimum=0)
         kwargs.setdefault("dtype", "float32")

@@ -4,24 +4,16 @@ from keras import ops
 from moe import routers, validation
 from moe import telemetry as telemetry_lib
 from moe.dispatch import DISPATCH_MODES
-from moe.experts import make_experts
+from moe.experts import EXPERT_ARGUMENTS, check_output_width, make_experts
 from moe.layer_compat import MoELayerCompat
 
 # Arguments renamed since earlier versions: old name -> new name (configs
 # that still use the old one load).
 RENAMED_ARGUMENTS = {"group_top_k": "groups_per_token"}
-# Arguments stored and returned by `get_config` as they are.
-_PLAIN_ARGUMENTS = (
-    "hidden_dim",
-    "output_dim",
-    "gated",
-    "use_bias",
-    "dispatch",
-    "num_shared_experts",
-    "shared_expert_hidden_dim",
-    "shared_expert_gate",
-    "telemetry",
-)
+# Arguments stored, and returned by `get_config`, as they are.
+_PLAIN_ARGUMENTS = """hidden_dim output_dim gated use_bias dispatch
+num_shared_experts shared_expert_hidden_dim shared_expert_gate telemetry
+""".split()
 
 
 @keras.saving.register_keras_serializable(package="moe")
@@ -134,19 +126,7 @@ class MoELayer(MoELayerCompat, keras.layers.Layer):
         given = locals()  # the router validates its own arguments
         router_arguments = {n: given[n] for n in routers.ROUTER_ARGUMENTS}
         routed, shared = make_experts(
-            num_experts,
-            hidden_dim,
-            experts,
-            num_shared_experts,
-            shared_expert_hidden_dim,
-            shared_expert_gate,
-            output_dim=output_dim,
-            activation=activation,
-            gated=gated,
-            use_bias=use_bias,
-            kernel_initializer=kernel_initializer,
-            bias_initializer=bias_initializer,
-            dtype=kwargs.get("dtype"),
+            **{n: given[n] for n in EXPERT_ARGUMENTS}, dtype=kwargs.get("dtype")
         )
         validation.one_of("dispatch", dispatch, DISPATCH_MODES)
         validation.one_of("telemetry", telemetry, telemetry_lib.MODES)
@@ -190,17 +170,9 @@ class MoELayer(MoELayerCompat, keras.layers.Layer):
         for part in (self.router, self.experts, self.shared_experts):
             if part is not None and not part.built:
                 part.build(tokens_shape)
-        widths = [
-            part.compute_output_shape(tokens_shape)[-1]
-            for part in (self.experts, self.shared_experts)
-            if part is not None
-        ]
-        if len({*widths, self.output_dim or widths[0]}) > 1:
-            raise ValueError(
-                "The routed and shared experts must output `output_dim` "
-                f"features. Received: output widths {widths}, "
-                f"output_dim={self.output_dim}"
-            )
+        check_output_width(
+            self.experts, self.shared_experts, tokens_shape, self.output_dim
+        )
         if self.shared_expert_gate:
             # float32 like a router; not cast to a mixed compute dtype.
             self.shared_gate_kernel = self.add_weight(
@@ -246,15 +218,11 @@ class MoELayer(MoELayerCompat, keras.layers.Layer):
         )
 
     def route(self, inputs, mask=None, routing_key=None):
-        """Which experts each input goes to at inference, with which weights.
-
-        Returns:
-            A dict of `inputs.shape[:-1] + (k,)` tensors: `"expert_indices"`
-            (int32, best first), `"expert_weights"` (float32 combine
-            weights) and `"kept"` (bool: False where the pair is masked,
-            dropped for capacity, or, for expert choice, not picked: there
-            `k = num_experts`, the picking experts first).
-        """
+        """Where each input goes at inference: a dict of `inputs.shape[:-1]
+        + (k,)` tensors `"expert_indices"` (int32, best first),
+        `"expert_weights"` (float32) and `"kept"` (bool: False where masked,
+        dropped for capacity or, for expert choice, not picked; there `k =
+        num_experts`, the picking experts first)."""
         tokens, token_mask = self._flatten(inputs, mask)
         keys = self.router.routing_key_tokens(routing_key, inputs)
         decision = self.router(

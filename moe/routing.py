@@ -11,7 +11,6 @@ Expert choice turns this around: each expert picks its `capacity` tokens, so
 `(num_experts, capacity)`.
 """
 
-
 from keras import ops
 
 # The routing names `MoELayer(routing=...)` accepts (`moe.routers` maps each

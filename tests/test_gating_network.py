@@ -2,6 +2,7 @@ import keras
 import numpy as np
 import pytest
 from keras import ops
+from layer_contract import check_layer_contract
 from moe_reference import softmax
 
 import moe
@@ -88,3 +89,12 @@ def test_symbolic_call_in_functional_model():
     out = moe.GatingNetwork(num_experts=6, top_k=2)(inputs)
     assert tuple(out["expert_indices"].shape) == (None, 3, 2)
     assert tuple(out["router_probs"].shape) == (None, 3, 6)
+
+
+def test_layer_contract(tmp_path):
+    check_layer_contract(
+        lambda: moe.GatingNetwork(4, top_k=2, noisy=True, seed=1, name="gate"),
+        np.random.default_rng(0).normal(size=(8, 6)).astype("float32"),
+        output_fn=lambda decision: decision["router_probs"],
+        tmp_path=tmp_path,
+    )

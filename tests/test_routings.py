@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import pytest
 from keras import ops
+from layer_contract import check_layer_contract
 from moe_reference import (
     expert_choice_forward,
     hash_expert,
@@ -505,3 +506,31 @@ def test_compiled_calls_match_eager(case):
             x,
         )
         np.testing.assert_allclose(to_numpy(out), want, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "routing, kwargs",
+    [
+        ("top_k", dict(top_k=2)),
+        ("switch", dict(capacity_factor=1.25, router_jitter=0.1)),
+        ("soft", dict()),
+        ("expert_choice", dict(capacity_factor=1.0)),
+        ("hash", dict()),
+        ("hierarchical", dict(num_groups=2)),
+    ],
+)
+def test_every_router_keeps_the_layer_contract(routing, kwargs, tmp_path):
+    # Routers are sublayers: their config round trip is checked with the
+    # layer's; the experts no input reaches in one step may not move.
+    x = random_inputs((4, 5, 6))
+    mask = np.arange(5)[None, :] < np.array([5, 4, 2, 1])[:, None]
+    call_args = {"mask": mask}
+    if routing == "hash":
+        call_args["routing_key"] = routing_keys((4, 5))
+    check_layer_contract(
+        lambda: moe.MoELayer(4, 5, routing=routing, name="moe", **kwargs),
+        x,
+        call_args=call_args,
+        mask="mask",
+        tmp_path=tmp_path,
+    )

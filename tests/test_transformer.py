@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 from keras import ops
+from layer_contract import check_layer_contract
 from moe_reference import expert_output, layer_params
 
 import moe
@@ -262,3 +263,19 @@ def test_training_decreases_loss():
     history = model.fit(ids, ids[:, 0], batch_size=32, epochs=3, verbose=0)
     losses = history.history["loss"]
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize(
+    "moe_kwargs",
+    [{"capacity_factor": 2.0}, {"num_shared_experts": 1, "gated": True}],
+)
+def test_layer_contract(tmp_path, moe_kwargs):
+    check_layer_contract(
+        lambda: moe.MoETransformerBlock(
+            2, 6, 4, top_k=2, moe_kwargs=moe_kwargs, name="block"
+        ),
+        random_inputs(),
+        call_args={"padding_mask": left_padding_mask([SEQ, 3, 1])},
+        mask="padding_mask",
+        tmp_path=tmp_path,
+    )
