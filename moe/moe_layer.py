@@ -123,6 +123,7 @@ class MoELayer(MoELayerCompat, keras.layers.Layer):
     ):
         if "group_top_k" in kwargs:  # see RENAMED_ARGUMENTS
             groups_per_token = kwargs.pop("group_top_k")
+        routing = routers.get(routing)  # a name, or a (deserialized) router
         given = locals()  # the router validates its own arguments
         router_arguments = {n: given[n] for n in routers.ROUTER_ARGUMENTS}
         routed, shared = make_experts(
@@ -145,7 +146,7 @@ class MoELayer(MoELayerCompat, keras.layers.Layer):
         for name in _PLAIN_ARGUMENTS:
             setattr(self, name, given[name])
         self.num_experts = routed.num_experts
-        self.routing = routers.get(routing)
+        self.routing = routing
         self.activation = keras.activations.get(activation)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
