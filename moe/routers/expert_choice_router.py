@@ -5,7 +5,7 @@ from keras import ops
 
 from moe import dispatch as dispatch_lib
 from moe import losses, routing, validation
-from moe.routers.router import Router, float_mask
+from moe.routers.router import LearnedRouter, float_mask
 
 # With `capacity_factor=None` each expert picks `2 * tokens / experts`
 # inputs, the paper's EC-CF2 setting.
@@ -35,7 +35,7 @@ class ExpertChoice(NamedTuple):
 
 
 @keras.saving.register_keras_serializable(package="moe")
-class ExpertChoiceRouter(Router):
+class ExpertChoiceRouter(LearnedRouter):
     """Each expert picks its inputs (Zhou et al., 2022).
 
     `routing="expert_choice"`: each expert takes the
@@ -82,21 +82,8 @@ class ExpertChoiceRouter(Router):
             return DEFAULT_CAPACITY_FACTOR
         return self.capacity_factor
 
-    @property
-    def telemetry_names(self):
-        return ("router_entropy",)
-
-    def build(self, input_shape):
-        self.gating_network = self.make_gating_network(
-            self.num_experts, input_shape[-1], "gating_network", self.seed
-        )
-
     def call(self, tokens, token_mask=None, routing_key=None, training=None):
-        decision = self.gating_network(tokens, training=training)
-        logits = decision["router_logits"]
-        scores = decision["router_probs"]
-        if self.score_function != "softmax":
-            scores = routing.expert_scores(logits, self.score_function)
+        logits, scores, _ = self.scores(tokens, training, self.score_function)
         num_tokens = dispatch_lib.static_dim(tokens, 0)
         # Expert choice's picks per expert: the capacity rule with k = 1.
         capacity = dispatch_lib.expert_capacity(

@@ -3,16 +3,15 @@ from keras import ops
 
 from moe import losses, routing, validation
 from moe.routers.router import (
-    Router,
+    LearnedRouter,
     TokenChoice,
     float_mask,
-    normalized,
     validate_groups,
 )
 
 
 @keras.saving.register_keras_serializable(package="moe")
-class TopKRouter(Router):
+class TopKRouter(LearnedRouter):
     """Token choice: each input goes to its `top_k` best-scoring experts.
 
     The router of `routing="top_k"` and `routing="switch"` (top-1, raw
@@ -87,13 +86,7 @@ class TopKRouter(Router):
         **kwargs,
     ):
         validation.integer("num_experts", num_experts)
-        if top_k is not None:
-            validation.integer(
-                "top_k",
-                top_k,
-                maximum=num_experts,
-                what=f"between 1 and `num_experts` ({num_experts})",
-            )
+        validation.top_k(top_k, num_experts)
         validation.one_of(
             "score_function", score_function, routing.SCORE_FUNCTIONS
         )
@@ -142,14 +135,8 @@ class TopKRouter(Router):
             return min(2, self.num_experts)
         return self.top_k
 
-    @property
-    def telemetry_names(self):
-        return ("router_entropy",)
-
     def build(self, input_shape):
-        self.gating_network = self.make_gating_network(
-            self.num_experts, input_shape[-1], "gating_network", self.seed
-        )
+        super().build(input_shape)
         if self.use_selection_bias:
             self.selection_bias = self.add_weight(
                 name="selection_bias",
@@ -161,13 +148,10 @@ class TopKRouter(Router):
             )
 
     def call(self, tokens, token_mask=None, routing_key=None, training=None):
-        decision = self.gating_network(tokens, training=training)
-        logits = decision["router_logits"]  # (T, E), float32
-        scores = decision["router_probs"]
-        distribution = scores
-        if self.score_function != "softmax":
-            scores = routing.expert_scores(logits, self.score_function)
-            distribution = normalized(scores)
+        # (T, E) float32 each.
+        logits, scores, distribution = self.scores(
+            tokens, training, self.score_function
+        )
         indices, weights = routing.top_k_selection(
             scores,
             self.experts_per_input,
