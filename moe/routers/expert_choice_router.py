@@ -38,20 +38,13 @@ class ExpertChoice(NamedTuple):
 class ExpertChoiceRouter(LearnedRouter):
     """Each expert picks its inputs (Zhou et al., 2022).
 
-    `routing="expert_choice"`: each expert takes the
-    `C = ceil(capacity_factor * tokens / num_experts)` inputs (clipped to
-    `[0, tokens]`) it scores highest, with `capacity_factor` 2.0 when unset
-    (EC-CF2); the combine weight of a pick is that score. An input may be
-    picked by several experts or by none (then its output is zero, counted
-    in `dropped`); masked inputs are never picked. Every expert runs on
-    exactly `C` inputs: balanced by construction, so no load-balancing loss
-    (`aux_loss_weight` has no effect); the z-loss applies.
-
-    The picks run over all the inputs of one call (batch x sequence), so an
-    input's output depends on the other inputs, later positions of its
-    sequence included: not causal, and unsuited as-is to autoregressive
-    decoding (use token choice there). With a single input every expert
-    picks it: the soft, dense mixture.
+    `routing="expert_choice"`: each expert takes the inputs it scores
+    highest, `expert_capacity(tokens, 1, num_experts, capacity_factor)` of
+    them (`capacity_factor` 2.0 when unset), weighted by that score; an
+    input may be picked by several experts or none. Balanced by
+    construction (no load-balancing loss; the z-loss applies), and not
+    causal: the picks run over all the inputs of a call. See
+    `docs/layers.md`.
 
     Args:
         num_experts: int >= 1.

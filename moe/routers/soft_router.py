@@ -25,11 +25,10 @@ class SoftChoice(NamedTuple):
 class SoftRouter(LearnedRouter):
     """Every input to every expert, weighted by the router's scores.
 
-    The classic dense mixture (Jacobs et al., 1991), `routing="soft"`: it
-    runs every expert on every input, so it costs `num_experts` dense
-    layers; kept as a reference and for small expert counts.
-    `capacity_factor` has no effect (nothing is dropped). Losses: the
-    load-balancing loss (with the mean weights as the load) and the z-loss.
+    `routing="soft"`, the dense mixture: every expert runs on every input
+    (`num_experts` times the compute); `capacity_factor` has no effect.
+    Losses: load balancing (the mean weights as the load) and z-loss. See
+    `docs/layers.md`.
 
     Args:
         num_experts: int >= 1.

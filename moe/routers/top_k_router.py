@@ -14,28 +14,13 @@ from moe.routers.router import (
 class TopKRouter(LearnedRouter):
     """Token choice: each input goes to its `top_k` best-scoring experts.
 
-    The router of `routing="top_k"` and `routing="switch"` (top-1, raw
-    probability), and of the MoE blocks of Mixtral, Qwen-MoE, OLMoE and
-    DeepSeek. A float32 linear map (`gating_network`) gives one logit per
-    expert; `score_function` turns the logits into scores. The experts are
-    chosen on the scores plus an optional per-expert `selection_bias`,
-    optionally only within each token's `groups_per_token` best groups of
-    experts; the combine weights are the unbiased scores of the chosen
-    experts, renormalised to sum to 1 or not, times
-    `routed_scaling_factor` (`moe.routing.top_k_selection`).
-
-    Losses (training): the load-balancing loss
-    `aux_loss_weight * E * sum_e f_e * P_e` (`f_e` the share of assignments
-    to expert `e`, `P_e` its mean score, scores normalised per token when
-    sigmoid) and the router z-loss. Telemetry adds `router_entropy`.
-
-    Auxiliary-loss-free balancing (Wang et al., 2024; DeepSeek-V3): with
-    `selection_bias=True` and `bias_update_rate > 0`, every training call
-    moves the bias by `bias_update_rate * sign(mean load - load)` (`load`:
-    the assignments per expert in that call, before capacity), which favours
-    the experts that got less than their share in the next steps. The bias
-    is a non-trainable float32 variable (`selection_bias`), updated on every
-    backend inside `fit()`; usually with `aux_loss_weight=0`.
+    The router of `routing="top_k"` and `"switch"`, and of the open models'
+    MoE blocks (Mixtral, Qwen-MoE, OLMoE, DeepSeek): float32 scores, an
+    optional selection bias and group-limited selection to choose the
+    experts, the unbiased scores (renormalised or not, scaled) as combine
+    weights (`moe.routing.top_k_selection`); auxiliary-loss-free balancing
+    moves the bias in training. Losses: load balancing and z-loss. See
+    `docs/layers.md` ("Routings", "Router options", "Balancing").
 
     Args:
         num_experts: int >= 1.
