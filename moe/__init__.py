@@ -13,14 +13,24 @@ from moe._lazy import exports
 
 # Public name -> the module that defines it.
 _PUBLIC = {
+    "Experts": "moe.experts",
     "GatingNetwork": "moe.gating_network",
+    "LayerExperts": "moe.layer_experts",
     "MoELayer": "moe.moe_layer",
     "MoETransformerBlock": "moe.transformer",
+    "Router": "moe.routers",
+    "routers": "moe.routers",
     "expert_layout_map": "moe.distribution",
     "expert_parallel": "moe.distribution",
 }
 # The registered Keras classes: what `custom_objects` returns.
-_LAYERS = ("GatingNetwork", "MoELayer", "MoETransformerBlock")
+_LAYERS = (
+    "Experts",
+    "GatingNetwork",
+    "LayerExperts",
+    "MoELayer",
+    "MoETransformerBlock",
+)
 
 __all__ = sorted([*_PUBLIC, "custom_objects"])
 __version__ = "0.1.0"
@@ -31,7 +41,16 @@ __getattr__, __dir__ = exports(__name__, _PUBLIC)
 
 def custom_objects():
     """The `custom_objects` dict for `keras.saving.load_model`."""
-    return {name: __getattr__(name) for name in _LAYERS}
+    objects = {name: __getattr__(name) for name in _LAYERS}
+    routers = __getattr__("routers")
+    objects.update(
+        {
+            n: getattr(routers, n)
+            for n in routers.__all__
+            if n.endswith("Router")
+        }
+    )
+    return objects
 
 
 if sys.modules.get("keras") is not None:  # Keras is loaded already

@@ -57,20 +57,25 @@ def trajectory(strategy):
     steps = []
     record = keras.callbacks.LambdaCallback(
         on_train_batch_end=lambda batch, logs: steps.append(
-            [float(logs["loss"]), float(logs["moe_load_0"])]
+            float(logs["loss"])
         )
     )
-    net.fit(dataset, epochs=2, verbose=0, callbacks=[record], shuffle=False)
-    return steps, [w.tolist() for w in net.get_weights()]
+    history = net.fit(
+        dataset, epochs=2, verbose=0, callbacks=[record], shuffle=False
+    )
+    # The expert load per epoch (the busiest expert's share, x E): a max
+    # of the replicas' summed loads, so it is read at the epoch's end.
+    load = history.history["moe_max_load"]
+    return steps, load, [w.tolist() for w in net.get_weights()]
 
 
 one = tf.distribute.MirroredStrategy(["/cpu:0"])
 two = distribute.make_strategy("mirrored")  # every logical device
-one_steps, one_weights = trajectory(one)
-two_steps, two_weights = trajectory(two)
+one_steps, one_load, one_weights = trajectory(one)
+two_steps, two_load, two_weights = trajectory(two)
 print(json.dumps({
     "replicas": [one.num_replicas_in_sync, two.num_replicas_in_sync],
-    "one": one_steps, "two": two_steps,
+    "one": one_steps, "two": two_steps, "load": [one_load, two_load],
     "weights": [one_weights, two_weights],
 }))
 """
@@ -85,10 +90,11 @@ def test_mirrored_two_devices_follow_the_one_device_trajectory(
     assert out["replicas"] == [1, 2]
     one, two = np.array(out["one"]), np.array(out["two"])
     assert one.shape == two.shape and len(one) >= 10
-    # Same global batch of 16 (8 per replica): the same loss and expert
-    # load step by step, and the same weights at the end.
+    # Same global batch of 16 (8 per replica): the same loss step by step,
+    # the same expert load each epoch and the same weights at the end.
     np.testing.assert_allclose(two, one, atol=1e-4, rtol=0)
-    assert not np.allclose(one[0, 0], one[-1, 0])  # it did train
+    np.testing.assert_allclose(*out["load"], atol=1e-4, rtol=0)
+    assert not np.allclose(one[0], one[-1])  # it did train
     for a, b in zip(*out["weights"]):
         np.testing.assert_allclose(np.array(b), np.array(a), atol=1e-4)
 
@@ -423,16 +429,19 @@ def test_expert_parallel_shards_experts_and_matches_one_device(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     routed = [
-        f"moe/expert_{part}"
+        f"moe/experts/expert_{part}"
         for part in ("in_kernel", "gate_kernel", "out_kernel")
-    ] + [f"moe/expert_{part}" for part in ("in_bias", "gate_bias", "out_bias")]
+    ] + [
+        f"moe/experts/expert_{part}"
+        for part in ("in_bias", "gate_bias", "out_bias")
+    ]
     for path in routed:
         rank = 3 if path.endswith("kernel") else 2
         assert out["shardings"][path] == ["experts"] + [None] * (rank - 1)
         assert out["devices"][path] == 4  # each device holds 2 of 4 experts
     replicated = set(out["shardings"]) - set(routed)
-    assert "moe/shared_expert_in_kernel" in replicated
-    assert "moe/gating_network/router_kernel" in replicated
+    assert "moe/shared_experts/shared_expert_in_kernel" in replicated
+    assert "moe/router/gating_network/router_kernel" in replicated
     for path in replicated:
         assert set(out["shardings"][path]) <= {None}, path
         assert out["devices"][path] == 0  # whole copies
@@ -465,15 +474,15 @@ def test_expert_layout_map_patterns():
     from moe.distribution import EXPERT_BIAS_PATH, EXPERT_KERNEL_PATH
 
     for path in (
-        "moe/expert_in_kernel",
-        "moe/expert_gate_kernel",
-        "block_1/moe/expert_out_kernel",
+        "moe/experts/expert_in_kernel",
+        "moe/experts/expert_gate_kernel",
+        "block_1/moe/experts/expert_out_kernel",
     ):
         assert re.fullmatch(EXPERT_KERNEL_PATH, path)
         assert re.fullmatch(EXPERT_BIAS_PATH, path.replace("kernel", "bias"))
     for path in (
-        "moe/shared_expert_in_kernel",
-        "moe/gating_network/router_kernel",
+        "moe/shared_experts/shared_expert_in_kernel",
+        "moe/router/gating_network/router_kernel",
         "adam/moe_expert_in_kernel_momentum",
         "moe/expert_in_kernel_extra",
     ):
