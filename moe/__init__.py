@@ -3,13 +3,12 @@
 The public names are imported on first use (PEP 562), so `import moe` and
 `import moe.lm.tokenizer` stay cheap: importing Keras imports its backend
 (TensorFlow), which takes seconds, and the next-word CLIs check their input
-before paying for it. If Keras is already imported, the layers are imported
-at once, so that `keras.saving.load_model` finds them registered.
+before paying for it. The layers are imported (and so registered with
+Keras) as soon as Keras is, whichever of the two is imported first, so that
+`keras.saving.load_model` finds them without `custom_objects`.
 """
 
-import sys
-
-from moe._lazy import exports
+from moe._lazy import call_after_import, exports
 
 # Public name -> the module that defines it.
 _PUBLIC = {
@@ -53,5 +52,4 @@ def custom_objects():
     return objects
 
 
-if sys.modules.get("keras") is not None:  # Keras is loaded already
-    custom_objects()
+call_after_import("keras", custom_objects)

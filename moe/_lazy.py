@@ -6,6 +6,8 @@ package whose `__init__` imported its layers eagerly would make every
 """
 
 import importlib
+import importlib.abc
+import importlib.util
 import sys
 
 
@@ -38,3 +40,41 @@ def exports(package: str, public: dict[str, str]):
         return sorted({*namespace, *public})
 
     return __getattr__, __dir__
+
+
+def call_after_import(module_name: str, callback) -> None:
+    """Runs `callback()` once `module_name` is imported (now, if it is).
+
+    `moe` uses it to register its layers with Keras whichever of the two is
+    imported first, so that `keras.saving.load_model` finds them without
+    `custom_objects` and `import moe` alone still does not load Keras.
+    """
+    if sys.modules.get(module_name) is not None:
+        callback()
+        return
+    sys.meta_path.insert(0, _AfterImport(module_name, callback))
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Finds `module_name` with the other finders, then runs `callback`
+    when its module has finished executing."""
+
+    def __init__(self, module_name, callback):
+        self.module_name = module_name
+        self.callback = callback
+
+    def find_spec(self, name, path=None, target=None):
+        if name != self.module_name:
+            return None
+        sys.meta_path.remove(self)  # once; the other finders find it
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module, callback = spec.loader.exec_module, self.callback
+
+        def exec_then_call(module):
+            exec_module(module)
+            callback()
+
+        spec.loader.exec_module = exec_then_call
+        return spec

@@ -43,11 +43,16 @@ def test_a_submodule_can_be_a_public_name():
 
 
 @pytest.mark.parametrize(
-    "imports", ["import keras, moe", "import moe, keras; moe.custom_objects()"]
+    "imports",
+    [
+        "import keras, moe",
+        "import moe, keras",
+        "import moe.lm.tokenizer, keras",
+    ],
 )
 def test_the_layers_are_registered_for_loading(imports):
-    # A saved MoE model loads without custom_objects once the layers are
-    # imported: at once when Keras already is, or on first use of `moe`.
+    # A saved MoE model loads without custom_objects: the layers register
+    # as soon as both `moe` and Keras are imported, in either order.
     registered = python(
         f"{imports}; print('moe>MoELayer' in keras.saving.get_custom_objects())"
     )
