@@ -25,8 +25,6 @@ from moe.moe_layer import MoELayer
 # Hugging Face's `hidden_act` names -> Keras activations computing the same.
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "relu": "relu", "gelu": "gelu"}
 _REQUIRED = object()
-# `MoELayer`'s variable for Qwen2-MoE's sigmoid gate of the shared experts.
-_SHARED_EXPERT_GATE = "shared_expert_gate_kernel"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +161,7 @@ def _layer_values(family, reader):
         values["shared_expert_out_kernel"] = down[None]
     if family.shared_expert_gate:
         gate = reader.read(f"{family.shared_expert_gate}.weight", "1d")
-        values[_SHARED_EXPERT_GATE] = gate.T  # (d, 1)
+        values["shared_gate_kernel"] = gate.T  # (d, 1)
     return values
 
 
