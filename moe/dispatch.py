@@ -84,11 +84,13 @@ def expert_capacity(num_tokens, top_k, num_experts, capacity_factor):
     """Slots per expert: `ceil(capacity_factor * tokens * k / experts)`.
 
     Never more than `num_tokens` (an expert cannot receive a token twice) and
-    at least 1. `num_tokens` may be a Python int or a scalar tensor.
+    at least 1 when there are tokens (0 for none). `num_tokens` may be a
+    Python int or a scalar tensor. With `top_k=1` it is also expert choice's
+    picks per expert.
     """
     if isinstance(num_tokens, int):
         capacity = math.ceil(capacity_factor * num_tokens * top_k / num_experts)
-        return max(1, min(num_tokens, capacity))
+        return min(num_tokens, max(1, capacity))
     capacity = ops.cast(
         ops.ceil(
             capacity_factor
@@ -97,7 +99,7 @@ def expert_capacity(num_tokens, top_k, num_experts, capacity_factor):
         ),
         "int32",
     )
-    return ops.maximum(1, ops.minimum(num_tokens, capacity))
+    return ops.minimum(num_tokens, ops.maximum(1, capacity))
 
 
 def flatten_pairs(expert_indices, expert_weights, token_mask, num_experts):
@@ -346,3 +348,125 @@ def dense_experts(tokens, experts, expert_fn):
     """
     y = expert_fn(tokens[None], *experts)  # (S, tokens, d_out)
     return ops.sum(y, axis=0)
+
+
+def use_static_layout(tokens, mode):
+    """Whether the token-choice dispatch uses a static layout.
+
+    `mode` is the layer's `dispatch` argument: `"static"` always,
+    `"dynamic"` never (an error under a compiler, which needs static
+    shapes), `"auto"` when a compiler traces the call.
+    """
+    if mode == "static":
+        return True
+    if not shapes_must_be_static(tokens):
+        return False
+    if mode == "dynamic":
+        raise ValueError(
+            "`dispatch='dynamic'` needs dynamic shapes, which a compiler "
+            "tracing this call (JAX jit, XLA, torch.compile) does not "
+            "allow. Use dispatch='auto' or 'static'. "
+            f"Received: dispatch={mode!r}"
+        )
+    return True
+
+
+def static_dim(x, axis):
+    """The Python int size of `axis` when known while tracing, else a
+    tensor."""
+    size = x.shape[axis]
+    return size if size is not None else ops.shape(x)[axis]
+
+
+def kept_pairs(expert_indices, token_mask, num_experts, capacity_factor):
+    """`(tokens, k)` bool: the pair is routed and within capacity."""
+    num_tokens = ops.shape(expert_indices)[0]
+    k = ops.shape(expert_indices)[1]
+    pair_experts, _ = flatten_pairs(
+        expert_indices, expert_indices, token_mask, num_experts
+    )
+    kept = ops.less(pair_experts, num_experts)
+    if capacity_factor is not None:
+        positions, _ = positions_in_expert(pair_experts, num_experts)
+        capacity = expert_capacity(num_tokens, k, num_experts, capacity_factor)
+        kept = ops.logical_and(kept, ops.less(positions, capacity))
+    return ops.transpose(ops.reshape(kept, (k, num_tokens)))
+
+
+def sparse_dispatch(
+    tokens,
+    expert_indices,
+    expert_weights,
+    token_mask,
+    experts,
+    expert_fn,
+    capacity_factor=None,
+    mode="auto",
+):
+    """Run each token through its chosen experts only (token choice).
+
+    Args:
+        tokens: `(T, d)`.
+        expert_indices: int32 `(T, k)`, the experts of each token.
+        expert_weights: `(T, k)` combine weights.
+        token_mask: bool `(T,)` or `None`; unrouted tokens get zeros.
+        experts: the stacked expert parameters, experts axis first.
+        expert_fn: `expert_fn(x, *params) -> y`.
+        capacity_factor: float or `None` (dropless): each expert takes at
+            most `expert_capacity(...)` pairs, first choices first.
+        mode: `"auto"`, `"dynamic"` or `"static"` (`use_static_layout`).
+
+    Returns:
+        `(outputs (T, d_out), dropped)`: `dropped` is the float32 fraction
+        of routed pairs dropped for capacity.
+    """
+    k = ops.shape(expert_indices)[1]
+    num_experts = ops.shape(experts[0])[0]
+    static = use_static_layout(tokens, mode)
+    # (k * T,) slot-major pairs; unrouted pairs have expert `E`.
+    pair_experts, pair_weights = flatten_pairs(
+        expert_indices, expert_weights, token_mask, num_experts
+    )
+    dropped = ops.zeros((), "float32")
+    if capacity_factor is not None or static:
+        positions, counts = positions_in_expert(pair_experts, num_experts)
+    if capacity_factor is not None:
+        capacity = expert_capacity(
+            static_dim(tokens, 0), k, num_experts, capacity_factor
+        )
+        routed = ops.less(pair_experts, num_experts)
+        kept = ops.logical_and(routed, ops.less(positions, capacity))
+        dropped = 1.0 - ops.sum(ops.cast(kept, "float32")) / ops.maximum(
+            ops.sum(ops.cast(routed, "float32")), 1.0
+        )
+    if not static:
+        if capacity_factor is not None:
+            pair_experts = ops.where(kept, pair_experts, num_experts)
+        outputs = dynamic_dispatch(
+            tokens, pair_experts, pair_weights, k, experts, expert_fn
+        )
+    elif capacity_factor is not None:
+        outputs = capacity_dispatch(
+            tokens,
+            pair_experts,
+            positions,
+            pair_weights,
+            k,
+            experts,
+            expert_fn,
+            num_experts,
+            capacity,
+        )
+    else:
+        outputs = block_dispatch(
+            tokens,
+            pair_experts,
+            positions,
+            counts,
+            pair_weights,
+            k,
+            experts,
+            expert_fn,
+            num_experts,
+        )
+    return outputs, dropped

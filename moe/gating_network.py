@@ -1,7 +1,7 @@
 import keras
 from keras import ops
 
-from moe import routing
+from moe import routing, validation
 
 
 @keras.saving.register_keras_serializable(package="moe")
@@ -78,13 +78,19 @@ class GatingNetwork(keras.layers.Layer):
         seed=None,
         **kwargs,
     ):
-        validate_num_experts(num_experts)
-        validate_top_k(top_k, num_experts)
-        if not 0.0 <= jitter_noise < 1.0:
-            raise ValueError(
-                "`jitter_noise` must be in [0, 1). "
-                f"Received: jitter_noise={jitter_noise}"
+        validation.integer("num_experts", num_experts)
+        if top_k is not None:
+            validation.integer(
+                "top_k",
+                top_k,
+                maximum=num_experts,
+                what=f"between 1 and `num_experts` ({num_experts})",
             )
+        validation.boolean("normalize_top_k", normalize_top_k)
+        validation.boolean("noisy", noisy)
+        validation.number("jitter_noise", jitter_noise, 0, 1, max_open=True)
+        if seed is not None:
+            validation.integer("seed", seed, minimum=0)
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.num_experts = num_experts
@@ -177,21 +183,3 @@ class GatingNetwork(keras.layers.Layer):
             }
         )
         return config
-
-
-def validate_num_experts(num_experts):
-    if not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(
-            "`num_experts` must be an integer >= 1. "
-            f"Received: num_experts={num_experts}"
-        )
-
-
-def validate_top_k(top_k, num_experts):
-    if top_k is None:
-        return
-    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-        raise ValueError(
-            f"`top_k` must be between 1 and `num_experts` ({num_experts}). "
-            f"Received: top_k={top_k}"
-        )

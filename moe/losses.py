@@ -8,9 +8,11 @@ from keras import ops
 
 
 def _masked_mean(values, token_mask):
-    # values: (tokens, ...) -> mean over the routed tokens.
+    # values: (tokens, ...) -> mean over the routed tokens; 0 when there are
+    # none (an empty batch), never NaN.
     if token_mask is None:
-        return ops.mean(values, axis=0)
+        count = ops.cast(ops.shape(values)[0], "float32")
+        return ops.sum(values, axis=0) / ops.maximum(count, 1.0)
     weights = ops.reshape(
         token_mask, (-1,) + (1,) * (len(ops.shape(values)) - 1)
     )

@@ -11,11 +11,13 @@ Expert choice turns this around: each expert picks its `capacity` tokens, so
 `(num_experts, capacity)`.
 """
 
-import math
-
 from keras import ops
 
-ROUTINGS = ("soft", "top_k", "switch", "expert_choice", "hash", "hierarchical")
+# The routing names `MoELayer(routing=...)` accepts (`moe.routers` maps each
+# to its router).
+ROUTINGS = ("top_k", "switch", "soft", "expert_choice", "hash", "hierarchical")
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+GROUP_SCORES = ("max", "top2_sum")
 
 
 def soft_routing(router_probs):
@@ -51,20 +53,98 @@ def top_k_routing(router_probs, k, normalize=True):
     return ops.cast(expert_indices, "int32"), expert_weights
 
 
-def expert_choice_capacity(num_tokens, num_experts, capacity_factor):
-    """Tokens each expert picks: `ceil(capacity_factor * tokens / experts)`,
-    clipped to `[1, tokens]`. `num_tokens` is a Python int or a scalar
-    tensor (unknown batch size in a TensorFlow graph)."""
-    if isinstance(num_tokens, int):
-        capacity = math.ceil(capacity_factor * num_tokens / num_experts)
-        return max(1, min(num_tokens, capacity))
-    capacity = ops.cast(
-        ops.ceil(
-            capacity_factor * ops.cast(num_tokens, "float32") / num_experts
-        ),
-        "int32",
-    )
-    return ops.maximum(1, ops.minimum(num_tokens, capacity))
+def expert_scores(router_logits, score_function="softmax"):
+    """Router logits -> expert scores, in float32.
+
+    `"softmax"`: a distribution over the experts (most routers);
+    `"sigmoid"`: an independent score in (0, 1) per expert (DeepSeek-V3).
+    """
+    logits = ops.cast(router_logits, "float32")
+    if score_function == "sigmoid":
+        return ops.sigmoid(logits)
+    return ops.softmax(logits, axis=-1)
+
+
+def limit_to_groups(scores, num_groups, groups_per_token, group_score="max"):
+    """Group-limited selection (DeepSeek-V2/V3): keep the best groups only.
+
+    The experts form `num_groups` groups of consecutive experts. A group's
+    score is its best expert's score (`"max"`, DeepSeek-V2) or the sum of
+    its two best (`"top2_sum"`, DeepSeek-V3); each token keeps its
+    `groups_per_token` best groups, and the scores of the experts of the
+    other groups become `-inf`, so a top-k afterwards picks only within the
+    kept groups.
+
+    Args:
+        scores: float32 `(tokens, num_experts)`, the selection scores.
+
+    Returns:
+        float32 `(tokens, num_experts)`.
+    """
+    num_experts = ops.shape(scores)[-1]
+    group_size = num_experts // num_groups
+    grouped = ops.reshape(scores, (-1, num_groups, group_size))  # (T, G, S)
+    # (T, G): the best one or two scores of each group (top_k rather than
+    # max, which refuses an empty batch on TensorFlow).
+    best, _ = ops.top_k(grouped, 2 if group_score == "top2_sum" else 1)
+    per_group = ops.sum(best, axis=-1)
+    _, groups = ops.top_k(per_group, groups_per_token)  # (T, g)
+    # (T, G): 1 for the kept groups.
+    kept = ops.sum(ops.one_hot(groups, num_groups), axis=1) > 0
+    kept = ops.repeat(kept, group_size, axis=-1)  # (T, E)
+    return ops.where(kept, scores, float("-inf"))
+
+
+def top_k_selection(
+    scores,
+    k,
+    normalize=True,
+    selection_bias=None,
+    num_groups=None,
+    groups_per_token=None,
+    group_score="max",
+    scaling_factor=1.0,
+):
+    """Each token's `k` experts by score, with the open models' options.
+
+    The experts are chosen on the selection scores `scores + selection_bias`
+    (limited to the best groups when `num_groups` is set, see
+    `limit_to_groups`); the combine weights are the unbiased `scores` of the
+    chosen experts, divided by their sum when `normalize` (Mixtral,
+    Qwen3-MoE, DeepSeek-V3) or raw (Switch, OLMoE, Qwen2-MoE), then times
+    `scaling_factor` (DeepSeek's routed scaling factor).
+
+    Args:
+        scores: float32 `(tokens, num_experts)`.
+        k: experts per token.
+        normalize: bool.
+        selection_bias: float32 `(num_experts,)` or `None`.
+        num_groups, groups_per_token, group_score: group-limited
+            selection, or `None`.
+        scaling_factor: float.
+
+    Returns:
+        `(expert_indices, expert_weights)`: int32 and float32
+        `(tokens, k)`, best first.
+    """
+    selection = scores
+    if selection_bias is not None:
+        selection = selection + ops.cast(selection_bias, "float32")[None, :]
+    if num_groups is not None:
+        selection = limit_to_groups(
+            selection, num_groups, groups_per_token, group_score
+        )
+    if selection is scores:
+        weights, indices = ops.top_k(scores, k)
+    else:
+        _, indices = ops.top_k(selection, k)
+        weights = ops.take_along_axis(scores, indices, axis=-1)
+    if normalize:
+        # The epsilon only matters for sigmoid scores that all underflow.
+        weights = weights / (ops.sum(weights, axis=-1, keepdims=True) + 1e-20)
+    if scaling_factor != 1.0:
+        weights = weights * scaling_factor
+    return ops.cast(indices, "int32"), weights
 
 
 def expert_choice_routing(router_probs, capacity, token_mask=None):

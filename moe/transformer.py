@@ -3,7 +3,8 @@ import inspect
 import keras
 from keras import ops
 
-from moe.moe_layer import MoELayer
+from moe import routers, validation
+from moe.moe_layer import RENAMED_ARGUMENTS, MoELayer
 
 
 @keras.saving.register_keras_serializable(package="moe")
@@ -106,25 +107,12 @@ class MoETransformerBlock(keras.layers.Layer):
         moe_kwargs=None,
         **kwargs,
     ):
-        if not isinstance(num_heads, int) or num_heads < 1:
-            raise ValueError(
-                "`num_heads` must be an integer >= 1. Received: "
-                f"num_heads={num_heads}"
-            )
-        if not isinstance(intermediate_dim, int) or intermediate_dim < 1:
-            raise ValueError(
-                "`intermediate_dim` must be an integer >= 1. Received: "
-                f"intermediate_dim={intermediate_dim}"
-            )
-        if not 0 <= dropout < 1:
-            raise ValueError(
-                f"`dropout` must be in [0, 1). Received: dropout={dropout}"
-            )
-        if not layer_norm_epsilon > 0:
-            raise ValueError(
-                "`layer_norm_epsilon` must be > 0. Received: "
-                f"layer_norm_epsilon={layer_norm_epsilon}"
-            )
+        validation.integer("num_heads", num_heads)
+        validation.integer("intermediate_dim", intermediate_dim)
+        validation.number("dropout", dropout, 0, 1, max_open=True)
+        validation.number(
+            "layer_norm_epsilon", layer_norm_epsilon, 0, min_open=True
+        )
         moe_kwargs = dict(moe_kwargs or {})
         _validate_moe_kwargs(moe_kwargs)
         super().__init__(**kwargs)
@@ -132,7 +120,7 @@ class MoETransformerBlock(keras.layers.Layer):
         self.intermediate_dim = intermediate_dim
         self.num_experts = num_experts
         self.top_k = top_k
-        self.routing = routing
+        self.routing = routers.get(routing)
         self.dropout = dropout
         self.activation = keras.activations.get(activation)
         self.layer_norm_epsilon = layer_norm_epsilon
@@ -149,7 +137,7 @@ class MoETransformerBlock(keras.layers.Layer):
             num_experts=num_experts,
             hidden_dim=intermediate_dim,
             top_k=top_k,
-            routing=routing,
+            routing=self.routing,
             activation=activation,
             kernel_initializer=self.kernel_initializer,
             bias_initializer=self.bias_initializer,
@@ -277,7 +265,7 @@ class MoETransformerBlock(keras.layers.Layer):
                 "intermediate_dim": self.intermediate_dim,
                 "num_experts": self.num_experts,
                 "top_k": self.top_k,
-                "routing": self.routing,
+                "routing": routers.serialize(self.routing),
                 "dropout": self.dropout,
                 "activation": keras.activations.serialize(self.activation),
                 "layer_norm_epsilon": self.layer_norm_epsilon,
@@ -311,6 +299,7 @@ _OWN_ARGUMENTS = {
 
 def _validate_moe_kwargs(moe_kwargs):
     accepted = set(inspect.signature(MoELayer.__init__).parameters)
+    accepted |= set(RENAMED_ARGUMENTS)
     accepted -= {"self", "kwargs", *_OWN_ARGUMENTS}
     for key in moe_kwargs:
         if key in _OWN_ARGUMENTS:

@@ -20,6 +20,12 @@ def layer_params(layer):
     if hasattr(layer, "group_gating_network"):
         names.append("group_router_kernel")
         values.append(layer.group_gating_network.router_kernel)
+    if getattr(layer, "shared_gate_kernel", None) is not None:
+        names.append("shared_gate_kernel")
+        values.append(layer.shared_gate_kernel)
+    if getattr(layer, "selection_bias", None) is not None:
+        names.append("selection_bias")
+        values.append(layer.selection_bias)
     for prefix in ("expert", "shared_expert"):
         for part in (
             "in_kernel",
@@ -34,6 +40,23 @@ def layer_params(layer):
                 names.append(name)
                 values.append(getattr(layer, name))
     return {n: ops.convert_to_numpy(v) for n, v in zip(names, values)}
+
+
+def router_options(layer):
+    """The `route()` options of a top-k / switch layer's router."""
+    router = layer.router
+    groups = None
+    if getattr(router, "num_groups", None) and router.__class__.__name__ == (
+        "TopKRouter"
+    ):
+        groups = (router.num_groups, router.groups_per_token or 1)
+        groups += (router.group_score,)
+    return dict(
+        score_function=getattr(router, "score_function", "softmax"),
+        normalize=getattr(router, "normalize_top_k", None),
+        scaling=getattr(router, "routed_scaling_factor", 1.0),
+        groups=groups,
+    )
 
 
 def _activation(name):
@@ -71,6 +94,41 @@ def softmax(logits):
     return p / p.sum(axis=-1, keepdims=True)
 
 
+def sigmoid(logits):
+    return 1.0 / (1.0 + np.exp(-logits))
+
+
+def top_k_choice(scores, k, normalize, scaling, bias=None, groups=None):
+    """One token's top-k: `[(expert, weight), ...]`, best first.
+
+    The experts are ranked by `scores + bias`; with `groups =
+    (num_groups, groups_per_token, group_score)` only the experts of the
+    token's best groups compete, a group scoring its best expert
+    (`"max"`) or its two best together (`"top2_sum"`). The weights are the
+    unbiased scores, divided by their sum when `normalize`, times
+    `scaling`.
+    """
+    selection = scores + (0.0 if bias is None else bias)
+    candidates = list(range(len(scores)))
+    if groups is not None:
+        num_groups, per_token, group_score = groups
+        size = len(scores) // num_groups
+        totals = []
+        for g in range(num_groups):
+            members = sorted(selection[g * size : (g + 1) * size])[::-1]
+            totals.append(
+                members[0] if group_score == "max" else sum(members[:2])
+            )
+        kept = np.argsort(-np.array(totals), kind="stable")[:per_token]
+        candidates = [e for e in candidates if e // size in kept]
+    candidates.sort(key=lambda e: -selection[e])  # stable: ties by index
+    chosen = candidates[:k]
+    weights = np.array([scores[e] for e in chosen])
+    if normalize:
+        weights = weights / weights.sum()
+    return list(zip(chosen, (weights * scaling).tolist()))
+
+
 def hash_expert(key, num_experts):
     """The expert of one integer key, from the formula in `hash_routing`'s
     docstring, in Python integers (which never overflow)."""
@@ -82,14 +140,27 @@ def hash_expert(key, num_experts):
 
 
 def route(
-    params, tokens, routing, k, routing_keys=None, num_groups=None, group_k=1
+    params,
+    tokens,
+    routing,
+    k,
+    routing_keys=None,
+    num_groups=None,
+    group_k=1,
+    score_function="softmax",
+    normalize=None,
+    scaling=1.0,
+    groups=None,
 ):
     """Per-token choices: list of [(expert, weight), ...], best first.
 
     `hierarchical`: `group_k` groups by the group router's probability,
     then `k` experts within each by the softmax within the group; weight
     `p(group) * p(expert | group)`, group-major. `hash`: one expert per key,
-    weight 1.
+    weight 1. `top_k` / `switch`: `top_k_choice` on the `score_function`
+    scores (softmax or sigmoid), with the layer's `selection_bias` and
+    `groups`; `normalize=None` is the routing's default (True for top-k,
+    False for switch).
     """
     if routing == "hash":
         return [[(hash_expert(key, k), 1.0)] for key in routing_keys], None
@@ -109,18 +180,21 @@ def route(
                     )
             choices.append(pairs)
         return choices, group_probs
-    probs = softmax(tokens.astype(np.float64) @ params["router_kernel"])
+    logits = tokens.astype(np.float64) @ params["router_kernel"]
+    probs = softmax(logits) if score_function == "softmax" else sigmoid(logits)
     num_experts = probs.shape[-1]
+    if normalize is None:
+        normalize = routing == "top_k"
     choices = []
     for p in probs:
         if routing == "soft":
             choices.append([(e, p[e]) for e in range(num_experts)])
             continue
-        order = np.argsort(-p, kind="stable")[:k]
-        weights = p[order]
-        if routing == "top_k":
-            weights = weights / weights.sum()
-        choices.append(list(zip(order.tolist(), weights.tolist())))
+        choices.append(
+            top_k_choice(
+                p, k, normalize, scaling, params.get("selection_bias"), groups
+            )
+        )
     return choices, probs
 
 
@@ -136,6 +210,8 @@ def moe_forward(
     routing_keys=None,
     num_groups=None,
     group_k=1,
+    expert_fns=None,
+    **options,
 ):
     """Reference MoE layer output and per-pair kept flags.
 
@@ -145,18 +221,21 @@ def moe_forward(
     [1, tokens]). For `hierarchical`, `k` is the experts per group and a
     token has `group_k * k` choices; for `hash`, `k` is the number of
     experts. Shared experts in `params` are added to every unmasked output.
+    `expert_fns`, one `(d,) -> (d_out,)` callable per expert, replaces the
+    stacked experts. `options` are `route()`'s top-k options.
     """
     d = inputs.shape[-1]
     tokens = inputs.reshape(-1, d)
     token_mask = (
         np.ones(len(tokens), bool) if mask is None else mask.reshape(-1)
     )
-    num_experts = params["expert_in_kernel"].shape[0]
+    expert = _experts(params, activation, gated, expert_fns)
+    num_experts = len(expert)
     if routing_keys is not None:
         routing_keys = np.asarray(routing_keys).reshape(-1)
     choices, _ = route(
         params, tokens, routing, num_experts if routing == "hash" else k,
-        routing_keys, num_groups, group_k,
+        routing_keys, num_groups, group_k, **options,
     )  # fmt: skip
     if routing == "hash":
         k = 1
@@ -178,26 +257,42 @@ def moe_forward(
                 if used[e] < capacity:
                     used[e] += 1
                     kept[t, slot] = True
-    out_dim = params["expert_out_kernel"].shape[-1]
+    out_dim = len(expert[0](tokens[0]))
     outputs = np.zeros((num_tokens, out_dim))
     for t in range(num_tokens):
         for slot, (e, w) in enumerate(choices[t]):
             if kept[t, slot]:
-                y = expert_output(params, e, tokens[t], activation, gated)
-                outputs[t] += w * y
+                outputs[t] += w * expert[e](tokens[t])
     _add_shared(params, tokens, token_mask, outputs, activation, gated)
     return outputs.reshape(inputs.shape[:-1] + (out_dim,)), kept
 
 
+def _experts(params, activation, gated, expert_fns):
+    # One callable per expert: (d,) -> (d_out,). `expert_fns` stands for
+    # experts that are arbitrary layers.
+    if expert_fns is not None:
+        return expert_fns
+    return [
+        lambda x, e=e: expert_output(params, e, x, activation, gated)
+        for e in range(len(params["expert_in_kernel"]))
+    ]
+
+
 def _add_shared(params, tokens, token_mask, outputs, activation, gated):
-    # Every shared expert, weight 1, on every unmasked token.
+    # Every shared expert, weight 1, on every unmasked token; with an output
+    # gate, their sum times sigmoid(x @ w) (Qwen2-MoE).
     if "shared_expert_in_kernel" not in params:
         return
+    gate = params.get("shared_gate_kernel")
     for t in np.flatnonzero(token_mask):
+        total = 0.0
         for s in range(len(params["shared_expert_in_kernel"])):
-            outputs[t] += expert_output(
+            total = total + expert_output(
                 params, s, tokens[t], activation, gated, "shared_expert"
             )
+        if gate is not None:
+            total = total * sigmoid(tokens[t] @ gate[:, 0])
+        outputs[t] += total
 
 
 def expert_choice_forward(
@@ -207,6 +302,7 @@ def expert_choice_forward(
     mask=None,
     activation="relu",
     gated=False,
+    expert_fns=None,
 ):
     """Reference expert-choice output and the `(tokens, experts)` picks.
 
@@ -228,11 +324,10 @@ def expert_choice_forward(
         candidates = [t for t in range(num_tokens) if token_mask[t]]
         candidates.sort(key=lambda t: -probs[t, e])
         picked[candidates[:capacity], e] = True
-    out_dim = params["expert_out_kernel"].shape[-1]
-    outputs = np.zeros((num_tokens, out_dim))
+    expert = _experts(params, activation, gated, expert_fns)
+    outputs = np.zeros((num_tokens, len(expert[0](tokens[0]))))
     for t in range(num_tokens):
         for e in np.flatnonzero(picked[t]):
-            y = expert_output(params, e, tokens[t], activation, gated)
-            outputs[t] += probs[t, e] * y
+            outputs[t] += probs[t, e] * expert[e](tokens[t])
     _add_shared(params, tokens, token_mask, outputs, activation, gated)
-    return outputs.reshape(inputs.shape[:-1] + (out_dim,)), picked
+    return outputs.reshape(inputs.shape[:-1] + (-1,)), picked

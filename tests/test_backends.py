@@ -19,6 +19,12 @@ LAYER_TESTS = [
     "test_gating_network.py",
     "test_routings.py",
     "test_transformer.py",
+    "test_legacy_files.py",
+    "test_router_options.py",
+    "test_experts.py",
+    "test_routing_functions.py",
+    "test_losses.py",
+    "test_docs.py",
 ]
 OTHER_BACKENDS = [
     b for b in ("tensorflow", "jax", "torch") if b != keras.backend.backend()

@@ -58,7 +58,7 @@ def trajectory(strategy):
     steps = []
     record = keras.callbacks.LambdaCallback(
         on_train_batch_end=lambda batch, logs: steps.append(
-            [float(logs["loss"]), float(logs["moe_load_0"])]
+            [float(logs["loss"]), float(logs["moe_max_load"])]
         )
     )
     net.fit(dataset, epochs=2, verbose=0, callbacks=[record], shuffle=False)
@@ -419,16 +419,19 @@ def test_expert_parallel_shards_experts_and_matches_one_device(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     routed = [
-        f"moe/expert_{part}"
+        f"moe/experts/expert_{part}"
         for part in ("in_kernel", "gate_kernel", "out_kernel")
-    ] + [f"moe/expert_{part}" for part in ("in_bias", "gate_bias", "out_bias")]
+    ] + [
+        f"moe/experts/expert_{part}"
+        for part in ("in_bias", "gate_bias", "out_bias")
+    ]
     for path in routed:
         rank = 3 if path.endswith("kernel") else 2
         assert out["shardings"][path] == ["experts"] + [None] * (rank - 1)
         assert out["devices"][path] == 4  # each device holds 2 of 4 experts
     replicated = set(out["shardings"]) - set(routed)
-    assert "moe/shared_expert_in_kernel" in replicated
-    assert "moe/gating_network/router_kernel" in replicated
+    assert "moe/shared_experts/shared_expert_in_kernel" in replicated
+    assert "moe/router/gating_network/router_kernel" in replicated
     for path in replicated:
         assert set(out["shardings"][path]) <= {None}, path
         assert out["devices"][path] == 0  # whole copies
@@ -461,15 +464,15 @@ def test_expert_layout_map_patterns():
     from moe.distribution import EXPERT_BIAS_PATH, EXPERT_KERNEL_PATH
 
     for path in (
-        "moe/expert_in_kernel",
-        "moe/expert_gate_kernel",
-        "block_1/moe/expert_out_kernel",
+        "moe/experts/expert_in_kernel",
+        "moe/experts/expert_gate_kernel",
+        "block_1/moe/experts/expert_out_kernel",
     ):
         assert re.fullmatch(EXPERT_KERNEL_PATH, path)
         assert re.fullmatch(EXPERT_BIAS_PATH, path.replace("kernel", "bias"))
     for path in (
-        "moe/shared_expert_in_kernel",
-        "moe/gating_network/router_kernel",
+        "moe/shared_experts/shared_expert_in_kernel",
+        "moe/router/gating_network/router_kernel",
         "adam/moe_expert_in_kernel_momentum",
         "moe/expert_in_kernel_extra",
     ):

@@ -5,13 +5,24 @@ import doctest
 
 import pytest
 
+import moe.experts
 import moe.gating_network
+import moe.layer_experts
 import moe.moe_layer
+import moe.routers.router
 import moe.transformer
 
 
 @pytest.mark.parametrize(
-    "module", [moe.gating_network, moe.moe_layer, moe.transformer]
+    "module",
+    [
+        moe.experts,
+        moe.gating_network,
+        moe.layer_experts,
+        moe.moe_layer,
+        moe.routers.router,
+        moe.transformer,
+    ],
 )
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)

@@ -2,6 +2,7 @@ import keras
 import numpy as np
 import pytest
 from keras import ops
+from layer_contract import check_layer_contract
 from moe_reference import softmax
 
 import moe
@@ -78,6 +79,9 @@ def test_config_round_trip_and_errors():
         moe.GatingNetwork(num_experts=4, top_k=5)
     with pytest.raises(ValueError, match="Received: num_experts=0"):
         moe.GatingNetwork(num_experts=0)
+    for bad in (float("nan"), -0.1, 1.0, "0.1"):
+        with pytest.raises(ValueError, match="Received: jitter_noise="):
+            moe.GatingNetwork(num_experts=4, jitter_noise=bad)
 
 
 def test_symbolic_call_in_functional_model():
@@ -85,3 +89,12 @@ def test_symbolic_call_in_functional_model():
     out = moe.GatingNetwork(num_experts=6, top_k=2)(inputs)
     assert tuple(out["expert_indices"].shape) == (None, 3, 2)
     assert tuple(out["router_probs"].shape) == (None, 3, 6)
+
+
+def test_layer_contract(tmp_path):
+    check_layer_contract(
+        lambda: moe.GatingNetwork(4, top_k=2, noisy=True, seed=1, name="gate"),
+        np.random.default_rng(0).normal(size=(8, 6)).astype("float32"),
+        output_fn=lambda decision: decision["router_probs"],
+        tmp_path=tmp_path,
+    )

@@ -61,8 +61,27 @@ def to_numpy(x):
         (dict(routing="soft", top_k=2), "Received: top_k=2"),
         (dict(aux_loss_weight=-0.1), "Received: aux_loss_weight=-0.1"),
         (dict(z_loss_weight=-1), "Received: z_loss_weight=-1"),
-        (dict(router_jitter=1.5), "Received: jitter_noise=1.5"),
+        (dict(router_jitter=1.5), "Received: router_jitter=1.5"),
+        (dict(router_jitter=-1), "Received: router_jitter=-1"),
+        (dict(router_jitter=float("nan")), "Received: router_jitter=nan"),
+        (dict(aux_loss_weight=float("inf")), "Received: aux_loss_weight=inf"),
+        (dict(aux_loss_weight=float("nan")), "Received: aux_loss_weight=nan"),
+        (dict(z_loss_weight=float("inf")), "Received: z_loss_weight=inf"),
+        (dict(z_loss_weight=float("nan")), "Received: z_loss_weight=nan"),
+        (dict(capacity_factor=float("inf")), "Received: capacity_factor=inf"),
+        (dict(capacity_factor=float("nan")), "Received: capacity_factor=nan"),
+        (dict(capacity_factor="1.25"), "Received: capacity_factor='1.25'"),
+        (dict(top_k="2"), "Received: top_k='2'"),
+        (dict(top_k=True), "Received: top_k=True"),
+        (dict(hidden_dim=8.0), "Received: hidden_dim=8.0"),
+        (dict(num_experts=float("inf")), "Received: num_experts=inf"),
+        (dict(num_shared_experts=1.5), "Received: num_shared_experts=1.5"),
+        (dict(seed=-1), "Received: seed=-1"),
+        (dict(seed="7"), "Received: seed='7'"),
+        (dict(router_noise="yes"), "Received: router_noise='yes'"),
+        (dict(gated=None), "Received: gated=None"),
         (dict(dispatch="fast"), "Received: dispatch='fast'"),
+        (dict(telemetry="all"), "Received: telemetry='all'"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(kwargs, message):
@@ -75,7 +94,8 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, message):
 @pytest.mark.parametrize("shape", [(6,), (2, 3, 4, 6)])
 def test_unsupported_input_rank_raises(shape):
     layer = moe.MoELayer(num_experts=4, hidden_dim=8)
-    with pytest.raises(ValueError, match="rank 2 .* rank 3 .* Received"):
+    # The layer's InputSpec: rank 2 `(batch, d)` or 3 `(batch, seq, d)`.
+    with pytest.raises(ValueError, match=r"incompatible .* (min|max)_ndim"):
         layer(np.zeros(shape, "float32"))
 
 
@@ -166,6 +186,39 @@ def test_masked_positions_output_zero_and_are_not_routed():
     changed = x.copy()
     changed[~mask] = 1e3
     np.testing.assert_allclose(to_numpy(layer(changed, mask=mask)), out)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),
+        dict(routing="switch", capacity_factor=1.25),
+        dict(routing="soft"),
+        dict(routing="expert_choice"),
+        dict(routing="hash"),
+        dict(routing="hierarchical", num_groups=2, capacity_factor=1.0),
+        dict(
+            score_function="sigmoid",
+            selection_bias=True,
+            bias_update_rate=0.1,
+            num_groups=2,
+            num_shared_experts=1,
+        ),
+    ],
+)
+@pytest.mark.parametrize("shape", [(0, 6), (0, 3, 6)])
+def test_empty_batch_in_training_gives_zero_losses(kwargs, shape):
+    layer = make_layer(**kwargs)
+    x = np.zeros(shape, "float32")
+    keys = {}
+    if layer.routing == "hash":
+        keys["routing_key"] = np.zeros(shape[:-1], "int32")
+    out = layer(x, training=True, **keys)
+    assert tuple(out.shape) == shape
+    values = [float(to_numpy(v)) for v in layer.losses]
+    assert values == [0.0] * len(values)
+    if layer.selection_bias is not None:  # nothing routed: no update
+        np.testing.assert_array_equal(to_numpy(layer.selection_bias), 0.0)
 
 
 def test_mask_propagates_through_layer():
@@ -271,7 +324,9 @@ def test_losses_ignore_padding():
 )
 def test_telemetry_appears_in_fit_logs():
     inputs = keras.Input((6,))
-    x = moe.MoELayer(4, 8, capacity_factor=0.5, name="moe")(inputs)
+    x = moe.MoELayer(4, 8, capacity_factor=0.5, name="moe", telemetry="full")(
+        inputs
+    )
     model = keras.Model(inputs, keras.layers.Dense(1)(x))
     model.compile("sgd", "mse")
     history = model.fit(
@@ -286,6 +341,42 @@ def test_telemetry_appears_in_fit_logs():
     assert 0 < history.history["moe_dropped"][-1] < 1
     assert 0 < history.history["moe_router_entropy"][-1] <= math.log(4)
     assert "val_moe_load_0" in history.history
+
+
+@pytest.mark.skipif(
+    BACKEND == "jax", reason="keras-team/keras#21639: no layer metrics on JAX"
+)
+def test_default_telemetry_is_two_entries_whatever_the_experts():
+    inputs = keras.Input((6,))
+    layer = moe.MoELayer(8, 4, capacity_factor=0.5, name="moe")
+    model = keras.Model(inputs, keras.layers.Dense(1)(layer(inputs)))
+    model.compile("sgd", "mse")
+    x = random_inputs((32, 6))
+    history = model.fit(
+        x,
+        np.zeros((32, 1)),
+        verbose=0,
+        batch_size=32,
+        validation_data=(x, 0 * x[:, :1]),
+    ).history
+    assert sorted(k for k in history if "moe" in k) == [
+        "moe_dropped",
+        "moe_max_load",
+        "val_moe_dropped",
+        "val_moe_max_load",
+    ]
+    # The busiest expert's share x 8, from the validation pass's routing.
+    chosen = to_numpy(layer.route(x)["expert_indices"]).reshape(-1)
+    want = np.bincount(chosen, minlength=8).max() / chosen.size * 8
+    np.testing.assert_allclose(history["val_moe_max_load"][-1], want, 1e-5)
+    assert 0 < history["moe_dropped"][-1] < 1
+
+
+def test_layers_without_a_name_are_called_moe():
+    keras.backend.clear_session()
+    first, second = moe.MoELayer(4, 8), moe.MoELayer(4, 8)
+    assert (first.name, second.name) == ("moe", "moe_1")
+    assert moe.MoELayer(4, 8, name="router_a").name == "router_a"
 
 
 def test_route_reports_reference_choices():

@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import pytest
 from keras import ops
+from layer_contract import check_layer_contract
 from moe_reference import (
     expert_choice_forward,
     hash_expert,
@@ -40,7 +41,7 @@ CASES = {
     "hierarchical_2x1_cf1": dict(
         routing="hierarchical",
         num_groups=2,
-        group_top_k=2,
+        groups_per_token=2,
         top_k=1,
         capacity_factor=1.0,
     ),
@@ -88,11 +89,11 @@ def reference(layer, x, mask=None, routing_key=None):
     common = dict(mask=mask, activation=activation, gated=layer.gated)
     if layer.routing == "expert_choice":
         return expert_choice_forward(
-            params, x, layer.expert_choice_capacity_factor, **common
+            params, x, layer.router.expert_choice_capacity_factor, **common
         )
     k = layer.experts_per_input
     if layer.routing == "hierarchical":
-        k = layer.experts_per_group
+        k = layer.router.experts_per_group
     return moe_forward(
         params,
         x,
@@ -101,7 +102,7 @@ def reference(layer, x, mask=None, routing_key=None):
         layer.capacity_factor,
         routing_keys=routing_key,
         num_groups=layer.num_groups,
-        group_k=layer.groups_per_input,
+        group_k=getattr(layer.router, "groups_per_input", 1),
         **common,
     )
 
@@ -132,14 +133,17 @@ def info_k(info):
             dict(routing="hierarchical", num_groups=3),
             r"divides `num_experts` \(4\). Received: num_groups=3",
         ),
-        (dict(num_groups=2), "only used by `routing='hierarchical'`"),
         (
-            dict(routing="hierarchical", num_groups=2, group_top_k=3),
-            "Received: group_top_k=3",
+            dict(routing="soft", num_groups=2),
+            "`num_groups` is not used by `routing='soft'`",
+        ),
+        (
+            dict(routing="hierarchical", num_groups=2, groups_per_token=3),
+            "Received: groups_per_token=3",
         ),
         (
             dict(routing="hierarchical", num_groups=2, top_k=3),
-            r"`num_experts` \(2\). Received: top_k=3",
+            r"experts of a group.*\(2\). Received: top_k=3",
         ),
         (dict(routing="expert_choice", top_k=2), "Received: top_k=2"),
         (dict(routing="hash", top_k=2), "Received: top_k=2"),
@@ -389,7 +393,7 @@ def test_expert_choice_has_only_the_z_loss_and_hash_none():
     ["expert_choice_cf0.5", "hash_cf0.5", "hierarchical", "top_k_shared"],
 )
 def test_telemetry_matches_reference(case):
-    layer = make_layer(case, name="moe")
+    layer = make_layer(case, name="moe", telemetry="full")
     x = random_inputs((12, 6))
     keys = key_kwargs(layer, x)
     layer(x, **keys)
@@ -429,11 +433,14 @@ def build_model():
     choice MoE -> hierarchical MoE -> Dense: one compile for all three."""
     features = keras.Input((4, 6), name="features")
     ids = keras.Input((4,), dtype="int32", name="ids")
-    x = moe.MoELayer(4, 8, name="hash", **CASES["hash_shared"])(
+    full = dict(telemetry="full")
+    x = moe.MoELayer(4, 8, name="hash", **CASES["hash_shared"], **full)(
         features, routing_key=ids
     )
     x = moe.MoELayer(4, 8, name="ec", **CASES["expert_choice_shared"])(x)
-    x = moe.MoELayer(4, 8, name="hier", **CASES["hierarchical_2x1_cf1"])(x)
+    x = moe.MoELayer(
+        4, 8, name="hier", **CASES["hierarchical_2x1_cf1"], **full
+    )(x)
     return keras.Model([features, ids], keras.layers.Dense(2)(x))
 
 
@@ -499,3 +506,31 @@ def test_compiled_calls_match_eager(case):
             x,
         )
         np.testing.assert_allclose(to_numpy(out), want, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "routing, kwargs",
+    [
+        ("top_k", dict(top_k=2)),
+        ("switch", dict(capacity_factor=1.25, router_jitter=0.1)),
+        ("soft", dict()),
+        ("expert_choice", dict(capacity_factor=1.0)),
+        ("hash", dict()),
+        ("hierarchical", dict(num_groups=2)),
+    ],
+)
+def test_every_router_keeps_the_layer_contract(routing, kwargs, tmp_path):
+    # Routers are sublayers: their config round trip is checked with the
+    # layer's; the experts no input reaches in one step may not move.
+    x = random_inputs((4, 5, 6))
+    mask = np.arange(5)[None, :] < np.array([5, 4, 2, 1])[:, None]
+    call_args = {"mask": mask}
+    if routing == "hash":
+        call_args["routing_key"] = routing_keys((4, 5))
+    check_layer_contract(
+        lambda: moe.MoELayer(4, 5, routing=routing, name="moe", **kwargs),
+        x,
+        call_args=call_args,
+        mask="mask",
+        tmp_path=tmp_path,
+    )

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 from keras import ops
+from layer_contract import check_layer_contract
 from moe_reference import expert_output, layer_params
 
 import moe
@@ -50,6 +51,12 @@ def to_numpy(x):
         (dict(intermediate_dim=0), "Received: intermediate_dim=0"),
         (dict(dropout=1.0), "Received: dropout=1.0"),
         (dict(layer_norm_epsilon=0), "Received: layer_norm_epsilon=0"),
+        (
+            dict(layer_norm_epsilon=float("inf")),
+            "Received: layer_norm_epsilon=inf",
+        ),
+        (dict(dropout=float("nan")), "Received: dropout=nan"),
+        (dict(num_heads="2"), "Received: num_heads='2'"),
         (dict(top_k=5), r"`num_experts` \(4\). Received: top_k=5"),
         (dict(routing="nope"), "Received: routing='nope'"),
         (
@@ -91,7 +98,7 @@ def test_output_shape_and_weights():
     assert block.compute_output_shape(x.shape) == x.shape
     paths = {w.path.split("/", 1)[1] for w in block.weights}
     moe_name = block.moe.name
-    assert f"{moe_name}/expert_in_kernel" in paths
+    assert f"{moe_name}/experts/expert_in_kernel" in paths
     assert "self_attention/query/kernel" in paths
     assert "feedforward_layer_norm/gamma" in paths
     expert_kernel = block.moe.expert_in_kernel
@@ -256,3 +263,19 @@ def test_training_decreases_loss():
     history = model.fit(ids, ids[:, 0], batch_size=32, epochs=3, verbose=0)
     losses = history.history["loss"]
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize(
+    "moe_kwargs",
+    [{"capacity_factor": 2.0}, {"num_shared_experts": 1, "gated": True}],
+)
+def test_layer_contract(tmp_path, moe_kwargs):
+    check_layer_contract(
+        lambda: moe.MoETransformerBlock(
+            2, 6, 4, top_k=2, moe_kwargs=moe_kwargs, name="block"
+        ),
+        random_inputs(),
+        call_args={"padding_mask": left_padding_mask([SEQ, 3, 1])},
+        mask="padding_mask",
+        tmp_path=tmp_path,
+    )

@@ -1,0 +1,387 @@
+import keras
+from keras import ops
+
+from moe import dispatch as dispatch_lib
+from moe import validation
+from moe.layer_experts import LayerExperts
+
+# The weights of one expert, in the order `expert_fn` takes them (the
+# biases only with `use_bias`, the gate only with `gated`).
+_PARTS = ("in_kernel", "in_bias", "gate_kernel", "gate_bias", "out_kernel")
+_PARTS += ("out_bias",)
+
+
+@keras.saving.register_keras_serializable(package="moe")
+class Experts(keras.layers.Layer):
+    """A stack of feed-forward experts, weights stacked experts axis first.
+
+    Expert `e` maps `x` to `act(x @ W_in[e] + b_in[e]) @ W_out[e] + b_out[e]`,
+    or, with `gated=True` (GLU; SwiGLU with `activation="silu"`),
+    `(act(x @ W_gate[e] + b_gate[e]) * (x @ W_in[e] + b_in[e])) @ W_out[e]
+    + b_out[e]`. Each matrix is one variable for all experts:
+    `<prefix>_in_kernel` `(num_experts, d, hidden_dim)`,
+    `<prefix>_gate_kernel` `(num_experts, d, hidden_dim)`,
+    `<prefix>_out_kernel` `(num_experts, hidden_dim, output_dim)`, and the
+    biases `(num_experts, hidden_dim)` / `(num_experts, output_dim)`. That
+    layout is what batched expert matmuls and expert parallelism shard on.
+
+    `MoELayer` holds two: its routed experts (`weight_prefix="expert"`) and
+    its shared experts (`weight_prefix="shared_expert"`, with their own
+    width). Called directly, the layer runs every expert on every input;
+    `MoELayer` instead calls its dispatch methods (`token_choice`, `soft`,
+    `expert_choice`, `dense`), which run each expert only on the inputs
+    routed to it.
+
+    Args:
+        num_experts: int >= 1.
+        hidden_dim: int >= 1, the hidden width of each expert.
+        output_dim: int or `None` (the input width).
+        activation: Defaults to `"relu"`.
+        gated: bool, GLU-style experts. Defaults to `False`.
+        use_bias: bool. Defaults to `True`.
+        kernel_initializer: applied per expert (the fans of one expert's
+            matrix; a seeded initializer gets `seed + e` for expert `e`).
+            Defaults to `"glorot_uniform"`.
+        bias_initializer: Defaults to `"zeros"`.
+        weight_prefix: the start of the variable names. Defaults to
+            `"expert"`.
+        **kwargs: base layer arguments.
+
+    Call arguments:
+        inputs: `(..., d)`.
+
+    Returns:
+        `(num_experts, ..., output_dim)`: every expert's output.
+
+    Example:
+
+    >>> experts = Experts(num_experts=4, hidden_dim=8, gated=True)
+    >>> tuple(experts(keras.ops.ones((3, 6))).shape)
+    (4, 3, 6)
+    >>> tuple(experts.expert_in_kernel.shape)
+    (4, 6, 8)
+    """
+
+    def __init__(
+        self,
+        num_experts,
+        hidden_dim,
+        output_dim=None,
+        activation="relu",
+        gated=False,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        weight_prefix="expert",
+        **kwargs,
+    ):
+        validation.integer("num_experts", num_experts)
+        validation.integer("hidden_dim", hidden_dim)
+        if output_dim is not None:
+            validation.integer("output_dim", output_dim)
+        validation.boolean("gated", gated)
+        validation.boolean("use_bias", use_bias)
+        if not isinstance(weight_prefix, str) or not weight_prefix:
+            raise ValueError(
+                "`weight_prefix` must be a non-empty string. Received: "
+                f"weight_prefix={weight_prefix!r}"
+            )
+        super().__init__(**kwargs)
+        self.num_experts = num_experts
+        self.hidden_dim = hidden_dim
+        self.output_dim = output_dim
+        self.activation = keras.activations.get(activation)
+        self.gated = gated
+        self.use_bias = use_bias
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.weight_prefix = weight_prefix
+        # Set by `MoELayer` when it loaded these weights from a file written
+        # before the experts were a sublayer (they were its own variables).
+        self._loaded_by_parent = False
+
+    def build(self, input_shape):
+        input_dim = input_shape[-1]
+        if input_dim is None:
+            raise ValueError(
+                "The last dimension of the inputs of `Experts` must be "
+                f"defined. Received: input_shape={tuple(input_shape)}"
+            )
+        output_dim = self.output_dim or input_dim
+        h = self.hidden_dim
+        kernel_init = _PerExpertInitializer(self.kernel_initializer)
+        shapes = {
+            "in_kernel": ((input_dim, h), kernel_init),
+            "gate_kernel": ((input_dim, h), kernel_init),
+            "out_kernel": ((h, output_dim), kernel_init),
+            "in_bias": ((h,), self.bias_initializer),
+            "gate_bias": ((h,), self.bias_initializer),
+            "out_bias": ((output_dim,), self.bias_initializer),
+        }
+        # Kernels first, then biases: the order of the variables (and of a
+        # saved file's entries) is that of the earlier `MoELayer`.
+        for part in self._parts(kernels_first=True):
+            shape, initializer = shapes[part]
+            name = f"{self.weight_prefix}_{part}"
+            variable = self.add_weight(
+                name=name,
+                shape=(self.num_experts,) + shape,
+                initializer=initializer,
+            )
+            setattr(self, name, variable)
+
+    def _parts(self, kernels_first=False):
+        parts = [
+            p
+            for p in _PARTS
+            if (self.use_bias or not p.endswith("bias"))
+            and (self.gated or not p.startswith("gate"))
+        ]
+        if kernels_first:
+            parts.sort(key=lambda p: p.endswith("bias"))
+        return parts
+
+    @property
+    def stacked_weights(self):
+        """The stacked variables, experts axis first, in `expert_fn`'s
+        order."""
+        return [
+            getattr(self, f"{self.weight_prefix}_{p}") for p in self._parts()
+        ]
+
+    def expert_fn(self, x, *params, affine=None):
+        """Experts on `x` `(..., n, d)` with params stacked on the same
+        leading axes (or one expert's params for `(n, d)`).
+
+        `affine(x, kernel, bias)` computes each `x @ kernel + bias` (`bias`
+        may be `None`); a dispatch layout may pass its own, e.g. a grouped
+        matmul applying expert `e`'s kernel to expert `e`'s rows.
+        """
+        affine = affine or _affine
+        params = list(params)
+        w_in = params.pop(0)
+        b_in = params.pop(0) if self.use_bias else None
+        hidden = affine(x, w_in, b_in)
+        if self.gated:
+            w_gate = params.pop(0)
+            b_gate = params.pop(0) if self.use_bias else None
+            hidden = self.activation(affine(x, w_gate, b_gate)) * hidden
+        else:
+            hidden = self.activation(hidden)
+        w_out = params.pop(0)
+        b_out = params.pop(0) if self.use_bias else None
+        return affine(hidden, w_out, b_out)
+
+    def call(self, inputs):
+        x = ops.reshape(inputs, (1, -1, ops.shape(inputs)[-1]))
+        y = self.expert_fn(x, *self.stacked_weights)  # (E, n, d_out)
+        return ops.reshape(
+            y,
+            (self.num_experts,)
+            + tuple(ops.shape(inputs)[:-1])
+            + (ops.shape(y)[-1],),
+        )
+
+    def token_choice(
+        self,
+        tokens,
+        expert_indices,
+        expert_weights,
+        token_mask,
+        capacity_factor,
+        mode,
+        training=None,
+    ):
+        """Each token through its `k` chosen experts only; `(outputs (T,
+        d_out), dropped fraction)` (see `moe.dispatch.sparse_dispatch`)."""
+        return dispatch_lib.sparse_dispatch(
+            tokens,
+            expert_indices,
+            expert_weights,
+            token_mask,
+            self.stacked_weights,
+            self.expert_fn,
+            capacity_factor,
+            mode,
+        )
+
+    def soft(self, tokens, weights, training=None):
+        """Every expert on every token, weighted by `weights` `(T, E)`."""
+        return dispatch_lib.soft_dispatch(
+            tokens, weights, self.stacked_weights, self.expert_fn
+        )
+
+    def expert_choice(
+        self, tokens, token_indices, weights, picked, training=None
+    ):
+        """Each expert on the `(E, C)` tokens it picked."""
+        return dispatch_lib.expert_choice_dispatch(
+            tokens,
+            token_indices,
+            weights,
+            picked,
+            self.stacked_weights,
+            self.expert_fn,
+        )
+
+    def dense(self, tokens):
+        """The unweighted sum of every expert on every token (shared
+        experts)."""
+        return dispatch_lib.dense_experts(
+            tokens, self.stacked_weights, self.expert_fn
+        )
+
+    def load_own_variables(self, store):
+        if self._loaded_by_parent and not len(store.keys()):
+            return
+        super().load_own_variables(store)
+
+    def compute_output_shape(self, input_shape):
+        output_dim = self.output_dim or input_shape[-1]
+        return (self.num_experts,) + tuple(input_shape[:-1]) + (output_dim,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_experts": self.num_experts,
+                "hidden_dim": self.hidden_dim,
+                "output_dim": self.output_dim,
+                "activation": keras.activations.serialize(self.activation),
+                "gated": self.gated,
+                "use_bias": self.use_bias,
+                "kernel_initializer": keras.initializers.serialize(
+                    self.kernel_initializer
+                ),
+                "bias_initializer": keras.initializers.serialize(
+                    self.bias_initializer
+                ),
+                "weight_prefix": self.weight_prefix,
+            }
+        )
+        return config
+
+
+def _affine(x, kernel, bias):
+    y = ops.matmul(x, kernel)
+    if bias is not None:
+        y = y + ops.expand_dims(bias, -2)
+    return y
+
+
+class _PerExpertInitializer:
+    """Initialise a stacked `(experts, ...)` weight one expert at a time.
+
+    Keras computes fans from all leading axes of a 3-D shape, which would
+    scale a variance-scaling initializer by the number of experts. A seeded
+    initializer gets `seed + e` for expert `e`, so experts differ.
+    """
+
+    def __init__(self, initializer):
+        self.initializer = initializer
+
+    def __call__(self, shape, dtype=None):
+        config = self.initializer.get_config()
+        slices = []
+        for e in range(shape[0]):
+            initializer = self.initializer
+            if isinstance(config.get("seed"), int):
+                initializer = self.initializer.__class__.from_config(
+                    {**config, "seed": config["seed"] + e}
+                )
+            slices.append(initializer(shape[1:], dtype=dtype))
+        return ops.stack(slices)
+
+
+# The `MoELayer` arguments `make_experts` takes (besides `dtype`).
+EXPERT_ARGUMENTS = (
+    "num_experts",
+    "hidden_dim",
+    "output_dim",
+    "activation",
+    "gated",
+    "use_bias",
+    "kernel_initializer",
+    "bias_initializer",
+    "num_shared_experts",
+    "shared_expert_hidden_dim",
+    "shared_expert_gate",
+    "experts",
+)
+
+
+def make_experts(
+    num_experts,
+    hidden_dim,
+    output_dim,
+    activation,
+    gated,
+    use_bias,
+    kernel_initializer,
+    bias_initializer,
+    num_shared_experts,
+    shared_expert_hidden_dim,
+    shared_expert_gate,
+    experts,
+    dtype=None,
+):
+    """The routed and shared experts of an `MoELayer`, from its arguments.
+
+    Returns:
+        `(routed, shared)`: an `Experts` (or a `LayerExperts` over
+        `experts`), and the shared `Experts` or `None`.
+    """
+    common = dict(
+        output_dim=output_dim,
+        activation=activation,
+        gated=gated,
+        use_bias=use_bias,
+        kernel_initializer=kernel_initializer,
+        bias_initializer=bias_initializer,
+        dtype=dtype,
+    )
+    if experts is None:
+        routed = Experts(num_experts, hidden_dim, name="experts", **common)
+    else:
+        routed = LayerExperts(experts, name="experts")
+        if num_experts not in (None, routed.num_experts):
+            raise ValueError(
+                "With `experts`, `num_experts` is their number "
+                f"({routed.num_experts}). Received: num_experts={num_experts}"
+            )
+    validation.integer("num_shared_experts", num_shared_experts, minimum=0)
+    validation.boolean("shared_expert_gate", shared_expert_gate)
+    if not num_shared_experts:
+        if shared_expert_gate:
+            raise ValueError(
+                "`shared_expert_gate` gates the shared experts: it needs "
+                "`num_shared_experts` >= 1. Received: shared_expert_gate="
+                f"{shared_expert_gate}, num_shared_experts=0"
+            )
+        return routed, None
+    if shared_expert_hidden_dim is not None:
+        validation.integer("shared_expert_hidden_dim", shared_expert_hidden_dim)
+    shared = Experts(
+        num_shared_experts,
+        shared_expert_hidden_dim or hidden_dim,
+        weight_prefix="shared_expert",
+        name="shared_experts",
+        **common,
+    )
+    return routed, shared
+
+
+def check_output_width(routed, shared, input_shape, output_dim):
+    """The routed and shared experts output `output_dim` features (or
+    agree, when it is unset); built experts only."""
+    widths = [
+        part.compute_output_shape(input_shape)[-1]
+        for part in (routed, shared)
+        if part is not None
+    ]
+    if len({*widths, output_dim or widths[0]}) > 1:
+        raise ValueError(
+            "The routed and shared experts must output `output_dim` "
+            f"features. Received: output widths {widths}, "
+            f"output_dim={output_dim}"
+        )

@@ -1,0 +1,244 @@
+import inspect
+
+import keras
+from keras import ops
+
+from moe import dispatch as dispatch_lib
+
+
+@keras.saving.register_keras_serializable(package="moe")
+class LayerExperts(keras.layers.Layer):
+    """Experts that are arbitrary Keras layers or models (an ensemble).
+
+    The counterpart of `moe.Experts` for experts that are not feed-forward
+    networks of one shape: any layer (a `Dense`, a `Sequential`, a
+    functional model, another `MoELayer` for a nested, hierarchical MoE)
+    mapping `(n, d)` inputs to `(n, d_out)`, the same `d_out` for all.
+    `MoELayer(experts=[...])` wraps its list in one.
+
+    Each expert still runs only on the inputs routed to it, but one expert
+    at a time: a Python loop of `num_experts` calls, not the batched
+    matmuls of `Experts`, so it is the slower path. With dynamic shapes
+    (eager, TensorFlow graphs, PyTorch) each expert gets exactly its
+    inputs; under a compiler (JAX `jit`, XLA) it gets a static buffer of
+    `capacity` rows (all the inputs when dropless) whose unused rows are
+    zeros. A layer that supports masking (an `MoELayer`) is told which rows
+    are real, so a nested MoE neither routes nor counts the padding.
+
+    Args:
+        layers: a list of Keras layers, one per expert.
+        **kwargs: base layer arguments.
+
+    Call arguments:
+        inputs: `(..., d)`.
+        training: passed to every expert.
+
+    Returns:
+        `(num_experts, ..., d_out)`: every expert's output.
+
+    Example:
+
+    >>> experts = LayerExperts([keras.layers.Dense(4), keras.layers.Dense(4)])
+    >>> tuple(experts(keras.ops.ones((3, 6))).shape)
+    (2, 3, 4)
+    """
+
+    def __init__(self, layers, **kwargs):
+        if not isinstance(layers, (list, tuple)) or not layers:
+            raise ValueError(
+                "`layers` must be a non-empty list of Keras layers. "
+                f"Received: layers={layers!r}"
+            )
+        layers = [
+            keras.saving.deserialize_keras_object(la)
+            if isinstance(la, dict)
+            else la
+            for la in layers
+        ]
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, keras.layers.Layer):
+                raise ValueError(
+                    f"Every expert must be a Keras layer; expert {i} is "
+                    f"not. Received: layers[{i}]={layer!r}"
+                )
+        if len({id(la) for la in layers}) != len(layers):
+            raise ValueError(
+                "Each expert must be its own layer (the same layer twice "
+                "would be one expert with two indices). Received: "
+                f"layers={[la.name for la in layers]}"
+            )
+        super().__init__(**kwargs)
+        self.expert_layers = list(layers)
+        self.num_experts = len(layers)
+
+    def build(self, input_shape):
+        input_dim = input_shape[-1]
+        spec = keras.KerasTensor((None, input_dim), dtype=self.compute_dtype)
+        widths = []
+        for layer in self.expert_layers:
+            if not layer.built:
+                layer.build((None, input_dim))
+            shape = tuple(layer.compute_output_spec(spec).shape)
+            if len(shape) != 2:
+                raise ValueError(
+                    "Every expert must map `(n, d)` inputs to `(n, d_out)`. "
+                    f"Received: expert {layer.name!r} with output shape "
+                    f"{shape} for inputs {(None, input_dim)}"
+                )
+            widths.append(shape[-1])
+        if len(set(widths)) != 1:
+            names = [la.name for la in self.expert_layers]
+            raise ValueError(
+                "Every expert must have the same output width. Received: "
+                f"widths {dict(zip(names, widths))}"
+            )
+        self.output_dim = widths[0]
+
+    def _run(self, e, x, rows_real=None, training=None):
+        layer = self.expert_layers[e]
+        kwargs = {}
+        parameters = inspect.signature(layer.call).parameters
+        if (
+            rows_real is not None
+            and layer.supports_masking
+            and "mask" in parameters
+        ):
+            kwargs["mask"] = rows_real
+        if "training" in parameters:
+            kwargs["training"] = training
+        return layer(x, **kwargs)
+
+    def call(self, inputs, training=None):
+        x = ops.reshape(inputs, (-1, ops.shape(inputs)[-1]))
+        y = ops.stack(
+            [
+                self._run(e, x, training=training)
+                for e in range(self.num_experts)
+            ]
+        )
+        return ops.reshape(
+            y,
+            (self.num_experts,)
+            + tuple(ops.shape(inputs)[:-1])
+            + (self.output_dim,),
+        )
+
+    def token_choice(
+        self,
+        tokens,
+        expert_indices,
+        expert_weights,
+        token_mask,
+        capacity_factor,
+        mode,
+        training=None,
+    ):
+        """Each token through its chosen expert layers; `(outputs (T,
+        d_out), dropped fraction)`. Same capacity rule as `Experts`."""
+        num_tokens = dispatch_lib.static_dim(tokens, 0)
+        k = ops.shape(expert_indices)[1]
+        num_experts = self.num_experts
+        pair_experts, pair_weights = dispatch_lib.flatten_pairs(
+            expert_indices, expert_weights, token_mask, num_experts
+        )
+        positions, _ = dispatch_lib.positions_in_expert(
+            pair_experts, num_experts
+        )
+        routed = ops.less(pair_experts, num_experts)
+        dropped = ops.zeros((), "float32")
+        # A token meets an expert at most once: dropless, `tokens` rows.
+        capacity = num_tokens
+        if capacity_factor is not None:
+            capacity = dispatch_lib.expert_capacity(
+                num_tokens, k, num_experts, capacity_factor
+            )
+            kept = ops.logical_and(routed, ops.less(positions, capacity))
+            dropped = 1.0 - ops.sum(ops.cast(kept, "float32")) / ops.maximum(
+                ops.sum(ops.cast(routed, "float32")), 1.0
+            )
+            pair_experts = ops.where(kept, pair_experts, num_experts)
+        pair_tokens = ops.tile(ops.arange(num_tokens, dtype="int32"), (k,))
+        weighted = []
+        if dispatch_lib.use_static_layout(tokens, mode):
+            # (E, C) the token of each buffer row, `num_tokens` if unused.
+            num_slots = num_experts * capacity
+            dest = ops.where(
+                ops.less(pair_experts, num_experts),
+                pair_experts * capacity + positions,
+                num_slots,
+            )
+            slots = ops.scatter_update(
+                ops.full((num_slots + 1,), num_tokens, dtype="int32"),
+                dest[:, None],
+                pair_tokens,
+            )[:num_slots]
+            slots = ops.reshape(slots, (num_experts, capacity))
+            for e in range(num_experts):
+                real = ops.less(slots[e], num_tokens)
+                y = self._run(e, _take_rows(tokens, slots[e]), real, training)
+                weighted.append((y, slots[e], real))
+            # Each pair reads its buffer row; pairs are summed per token.
+            rows = ops.concatenate([y for y, _, _ in weighted], axis=0)
+            rows = ops.take(_pad_row(rows), dest, axis=0)
+            rows = rows * ops.cast(pair_weights, rows.dtype)[:, None]
+            return ops.sum(ops.reshape(rows, (k, num_tokens, -1)), axis=0), (
+                dropped
+            )
+        outputs = 0.0
+        for e in range(num_experts):
+            (pairs,) = ops.nonzero(ops.equal(pair_experts, e))
+            owners = ops.take(pair_tokens, pairs, axis=0)
+            y = self._run(e, ops.take(tokens, owners, axis=0), None, training)
+            y = y * ops.cast(ops.take(pair_weights, pairs), y.dtype)[:, None]
+            outputs = outputs + ops.segment_sum(
+                y, owners, num_segments=num_tokens
+            )
+        return outputs, dropped
+
+    def soft(self, tokens, weights, training=None):
+        """Every expert layer on every token, weighted by `(T, E)`."""
+        outputs = 0.0
+        for e in range(self.num_experts):
+            y = self._run(e, tokens, None, training)
+            outputs = outputs + y * ops.cast(weights[:, e : e + 1], y.dtype)
+        return outputs
+
+    def expert_choice(
+        self, tokens, token_indices, weights, picked, training=None
+    ):
+        """Each expert layer on the `(E, C)` tokens it picked."""
+        num_tokens = ops.shape(tokens)[0]
+        outputs = 0.0
+        for e in range(self.num_experts):
+            rows = ops.where(picked[e], token_indices[e], num_tokens)
+            y = self._run(e, _take_rows(tokens, rows), picked[e], training)
+            y = y * ops.cast(weights[e], y.dtype)[:, None]
+            outputs = (
+                outputs
+                + ops.segment_sum(y, rows, num_segments=num_tokens + 1)[
+                    :num_tokens
+                ]
+            )
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        return (
+            (self.num_experts,) + tuple(input_shape[:-1]) + (self.output_dim,)
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config["layers"] = [
+            keras.saving.serialize_keras_object(la) for la in self.expert_layers
+        ]
+        return config
+
+
+def _pad_row(x):
+    # One zero row appended: index `len(x)` reads zeros.
+    return ops.concatenate([x, ops.zeros_like(x[:1])], axis=0)
+
+
+def _take_rows(tokens, rows):
+    # `tokens[rows]`, where a row id `len(tokens)` reads zeros.
+    return ops.take(_pad_row(tokens), rows, axis=0)

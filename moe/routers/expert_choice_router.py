@@ -1,0 +1,173 @@
+from typing import Any, NamedTuple
+
+import keras
+from keras import ops
+
+from moe import dispatch as dispatch_lib
+from moe import losses, routing, validation
+from moe.routers.router import Router, float_mask
+
+# With `capacity_factor=None` each expert picks `2 * tokens / experts`
+# inputs, the paper's EC-CF2 setting.
+DEFAULT_CAPACITY_FACTOR = 2.0
+
+
+class ExpertChoice(NamedTuple):
+    """Expert choice: the tokens each expert picked.
+
+    Attributes:
+        token_indices: int32 `(num_experts, capacity)`.
+        pick_weights: float32 `(num_experts, capacity)`, 0 where not picked.
+        picked: bool `(num_experts, capacity)`: a real pick (False only when
+            masked tokens leave an expert fewer than `capacity` choices).
+        chosen_by: float32 `(tokens, num_experts)`, 1 where expert `e`
+            picked token `t`.
+        load: float32 `(num_experts,)`, the share of the picks per expert.
+        router_scores: float32 `(tokens, num_experts)`, the scores.
+    """
+
+    token_indices: Any
+    pick_weights: Any
+    picked: Any
+    chosen_by: Any
+    load: Any
+    router_scores: Any
+
+
+@keras.saving.register_keras_serializable(package="moe")
+class ExpertChoiceRouter(Router):
+    """Each expert picks its inputs (Zhou et al., 2022).
+
+    `routing="expert_choice"`: each expert takes the
+    `C = ceil(capacity_factor * tokens / num_experts)` inputs (clipped to
+    `[0, tokens]`) it scores highest, with `capacity_factor` 2.0 when unset
+    (EC-CF2); the combine weight of a pick is that score. An input may be
+    picked by several experts or by none (then its output is zero, counted
+    in `dropped`); masked inputs are never picked. Every expert runs on
+    exactly `C` inputs: balanced by construction, so no load-balancing loss
+    (`aux_loss_weight` has no effect); the z-loss applies.
+
+    The picks run over all the inputs of one call (batch x sequence), so an
+    input's output depends on the other inputs, later positions of its
+    sequence included: not causal, and unsuited as-is to autoregressive
+    decoding (use token choice there). With a single input every expert
+    picks it: the soft, dense mixture.
+
+    Args:
+        num_experts: int >= 1.
+        score_function: `"softmax"` or `"sigmoid"`. Defaults to
+            `"softmax"`.
+        **kwargs: the `Router` arguments and base layer arguments.
+
+    References:
+        Zhou et al., 2022, "Mixture-of-Experts with Expert Choice Routing".
+    """
+
+    def __init__(self, num_experts, score_function="softmax", **kwargs):
+        validation.one_of(
+            "score_function", score_function, routing.SCORE_FUNCTIONS
+        )
+        super().__init__(num_experts, **kwargs)
+        self.score_function = score_function
+
+    @property
+    def experts_per_input(self):
+        # No fixed k: at most every expert picks an input.
+        return self.num_experts
+
+    @property
+    def expert_choice_capacity_factor(self):
+        """The capacity factor used (2.0 when unset)."""
+        if self.capacity_factor is None:
+            return DEFAULT_CAPACITY_FACTOR
+        return self.capacity_factor
+
+    @property
+    def telemetry_names(self):
+        return ("router_entropy",)
+
+    def build(self, input_shape):
+        self.gating_network = self.make_gating_network(
+            self.num_experts, input_shape[-1], "gating_network", self.seed
+        )
+
+    def call(self, tokens, token_mask=None, routing_key=None, training=None):
+        decision = self.gating_network(tokens, training=training)
+        logits = decision["router_logits"]
+        scores = decision["router_probs"]
+        if self.score_function != "softmax":
+            scores = routing.expert_scores(logits, self.score_function)
+        num_tokens = dispatch_lib.static_dim(tokens, 0)
+        # Expert choice's picks per expert: the capacity rule with k = 1.
+        capacity = dispatch_lib.expert_capacity(
+            num_tokens, 1, self.num_experts, self.expert_choice_capacity_factor
+        )
+        token_indices, pick_weights, picked = routing.expert_choice_routing(
+            scores, capacity, token_mask
+        )
+        # (T, E): which experts picked each token (picks are distinct).
+        experts = ops.broadcast_to(
+            ops.arange(self.num_experts, dtype="int32")[:, None],
+            ops.shape(token_indices),
+        )
+        rows = ops.where(picked, token_indices, num_tokens)
+        chosen_by = ops.scatter(
+            ops.stack(
+                [ops.reshape(rows, (-1,)), ops.reshape(experts, (-1,))],
+                axis=1,
+            ),
+            ops.ones((ops.size(rows),), "float32"),
+            (num_tokens + 1, self.num_experts),
+        )[:num_tokens]
+        mask = float_mask(token_mask)
+        if training:
+            self.add_router_losses(
+                z_losses=[losses.router_z_loss(logits, mask)]
+            )
+        return ExpertChoice(
+            token_indices,
+            pick_weights,
+            picked,
+            chosen_by,
+            losses.expert_choice_load(picked),
+            scores,
+        )
+
+    def dispatch(self, decision, experts, tokens, token_mask, mode, training):
+        outputs = experts.expert_choice(
+            tokens,
+            decision.token_indices,
+            decision.pick_weights,
+            decision.picked,
+            training=training,
+        )
+        return outputs, _unpicked_fraction(decision.chosen_by, token_mask)
+
+    def per_token(self, decision, token_mask):
+        # (T, E). Scores are <= 1 (softmax or sigmoid): +2 ranks the
+        # picking experts first, each part best first.
+        chosen_by = decision.chosen_by
+        scores = decision.router_scores
+        _, indices = ops.top_k(scores + 2.0 * chosen_by, self.num_experts)
+        indices = ops.cast(indices, "int32")
+        kept = ops.take_along_axis(chosen_by, indices, axis=1) > 0
+        weights = ops.where(
+            kept, ops.take_along_axis(scores, indices, axis=1), 0.0
+        )
+        return indices, weights, kept
+
+    def get_config(self):
+        config = super().get_config()
+        config["score_function"] = self.score_function
+        return config
+
+
+def _unpicked_fraction(chosen_by, token_mask):
+    # The fraction of routed tokens that no expert picked.
+    unpicked = ops.cast(ops.sum(chosen_by, axis=1) == 0, "float32")  # (T,)
+    routed = (
+        ops.ones_like(unpicked)
+        if token_mask is None
+        else ops.cast(token_mask, "float32")
+    )
+    return ops.sum(unpicked * routed) / ops.maximum(ops.sum(routed), 1.0)

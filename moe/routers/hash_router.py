@@ -1,0 +1,39 @@
+import keras
+
+from moe import losses, routing
+from moe.routers.router import Router, TokenChoice, float_mask
+
+
+@keras.saving.register_keras_serializable(package="moe")
+class HashRouter(Router):
+    """Each input to one expert, a fixed hash of an integer key.
+
+    Hash layers (Roller et al., 2021), `routing="hash"`: no learned router.
+    The layer is called as `layer(x, routing_key=ids)` (e.g. token ids,
+    `>= 0`); key `n` goes to expert `moe.routing.hash_routing(n)` with
+    weight 1, the same on every backend and after saving and loading.
+    `capacity_factor` applies as for top-k. Nothing to train in the routing,
+    so no losses and no router entropy: `aux_loss_weight`,
+    `z_loss_weight`, `router_noise`, `router_jitter`, `router_initializer`
+    and `seed` have no effect.
+
+    Args:
+        num_experts: int >= 1.
+        **kwargs: the `Router` arguments and base layer arguments.
+
+    References:
+        Roller et al., 2021, "Hash Layers For Large Sparse Models".
+    """
+
+    uses_routing_key = True
+
+    @property
+    def experts_per_input(self):
+        return 1
+
+    def call(self, tokens, token_mask=None, routing_key=None, training=None):
+        indices, weights = routing.hash_routing(routing_key, self.num_experts)
+        load = losses.expert_load(
+            indices, None, self.num_experts, float_mask(token_mask)
+        )
+        return TokenChoice(indices, weights, load)

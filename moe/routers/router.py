@@ -1,0 +1,326 @@
+"""The `Router` base class and the decisions routers return."""
+
+from typing import Any, NamedTuple
+
+import keras
+from keras import ops
+
+from moe import dispatch as dispatch_lib
+from moe import losses, validation
+from moe.gating_network import GatingNetwork
+
+
+class TokenChoice(NamedTuple):
+    """Token choice: each token's `k` experts and their combine weights.
+
+    Attributes:
+        expert_indices: int32 `(tokens, k)`, distinct experts per token.
+        expert_weights: float32 `(tokens, k)`, the combine weights.
+        load: float32 `(num_experts,)` or `None`: the share of the routed
+            `(token, slot)` pairs choosing each expert, before capacity
+            (`moe.losses.expert_load`); computed from `expert_indices` when
+            `None`.
+        router_scores: float32 `(tokens, num_experts)` or `None`: the
+            router's scores (softmax or sigmoid), for the router entropy
+            telemetry (of the scores normalised per token).
+    """
+
+    expert_indices: Any
+    expert_weights: Any
+    load: Any = None
+    router_scores: Any = None
+
+
+@keras.saving.register_keras_serializable(package="moe")
+class Router(keras.layers.Layer):
+    """Base class of the routers of `moe.MoELayer`.
+
+    A router decides which experts compute on which inputs. `MoELayer`
+    flattens its inputs to tokens `(T, d)` and calls its router with them;
+    the router returns a decision, adds its own losses (`add_loss`, in
+    training) and keeps any balancing state (non-trainable variables). The
+    layer then asks the router to `dispatch` the decision to the experts,
+    and for the `telemetry` of the call.
+
+    To write a token-choice router (each token picks its experts), subclass
+    `Router`, create any weights in `build(input_shape)` (`input_shape` is
+    `(T, d)`), and implement `call` returning a `TokenChoice` and the
+    property `experts_per_input` (its `k`); dispatch, capacity, `route()`
+    and telemetry come from the base class. Register the class with
+    `@keras.saving.register_keras_serializable()` and return your own
+    arguments from `get_config()` (chained to `super()`), and an
+    `MoELayer(routing=YourRouter(...))` saves and reloads like any layer.
+
+    The arguments below are the ones every router takes; a router documents
+    which of them have no effect for it (a hash router has no learned
+    router, so no noise, no losses).
+
+    Args:
+        num_experts: int >= 1.
+        capacity_factor: float > 0 or `None` (dropless): each expert takes at
+            most `ceil(capacity_factor * tokens * k / num_experts)` of the
+            pairs routed to it, first choices first, earlier tokens first.
+            Defaults to `None`.
+        aux_loss_weight: float >= 0, weight of the load-balancing loss.
+            Defaults to `0.01`.
+        z_loss_weight: float >= 0, weight of the router z-loss. Defaults to
+            `0.001`.
+        router_noise: bool, noisy top-k gating in training (see
+            `GatingNetwork`). Defaults to `False`.
+        router_jitter: float in `[0, 1)`, multiplicative input jitter in
+            training. Defaults to `0.0`.
+        router_initializer: initializer of the router kernels. Defaults to
+            `"glorot_uniform"`.
+        seed: int or `None`, seed of the noise and jitter.
+        **kwargs: base layer arguments. `dtype` defaults to `"float32"`:
+            routing decisions are made in float32 whatever the policy.
+
+    Call arguments:
+        tokens: `(T, d)`.
+        token_mask: bool `(T,)` or `None`: only `True` tokens are routed,
+            counted and enter the losses.
+        routing_key: int `(T,)` or `None`, for routers that route by a key
+            (`uses_routing_key`).
+        training: bool; noise, jitter, losses and balancing updates only
+            when `True`.
+
+    Returns:
+        A decision, e.g. a `TokenChoice`.
+
+    Example, a router that sends token `t` to expert `t mod E`:
+
+    >>> class RoundRobin(Router):
+    ...     experts_per_input = 1
+    ...     def call(self, tokens, token_mask=None, routing_key=None,
+    ...              training=None):
+    ...         t = ops.arange(ops.shape(tokens)[0], dtype="int32")
+    ...         indices = (t % self.num_experts)[:, None]
+    ...         return TokenChoice(indices, ops.ones(ops.shape(indices)))
+    >>> from moe import MoELayer
+    >>> layer = MoELayer(4, 8, routing=RoundRobin(num_experts=4))
+    >>> tuple(layer(ops.ones((6, 3))).shape)
+    (6, 3)
+    """
+
+    # Whether `call` needs a `routing_key` (hash routing).
+    uses_routing_key = False
+
+    def __init__(
+        self,
+        num_experts,
+        capacity_factor=None,
+        aux_loss_weight=0.01,
+        z_loss_weight=0.001,
+        router_noise=False,
+        router_jitter=0.0,
+        router_initializer="glorot_uniform",
+        seed=None,
+        **kwargs,
+    ):
+        validation.integer("num_experts", num_experts)
+        if capacity_factor is not None:
+            validation.number(
+                "capacity_factor", capacity_factor, minimum=0, min_open=True
+            )
+        validation.number("aux_loss_weight", aux_loss_weight, minimum=0)
+        validation.number("z_loss_weight", z_loss_weight, minimum=0)
+        validation.boolean("router_noise", router_noise)
+        validation.number(
+            "router_jitter", router_jitter, minimum=0, maximum=1, max_open=True
+        )
+        if seed is not None:
+            validation.integer("seed", seed, minimum=0)
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.num_experts = num_experts
+        self.capacity_factor = capacity_factor
+        self.aux_loss_weight = aux_loss_weight
+        self.z_loss_weight = z_loss_weight
+        self.router_noise = router_noise
+        self.router_jitter = router_jitter
+        self.router_initializer = keras.initializers.get(router_initializer)
+        self.seed = seed
+
+    @property
+    def experts_per_input(self):
+        """The `k` experts each input is routed to (at most)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must define `experts_per_input`"
+        )
+
+    @property
+    def telemetry_names(self):
+        """Names of the extra statistics `telemetry()` returns."""
+        return ()
+
+    def call(self, tokens, token_mask=None, routing_key=None, training=None):
+        raise NotImplementedError(f"{type(self).__name__} must define `call`")
+
+    def routing_key_tokens(self, routing_key, inputs):
+        """The layer's `routing_key` `(batch, [seq])` flattened to `(T,)`,
+        or `None`; checked against `uses_routing_key` and the inputs'
+        shape."""
+        expected = tuple(inputs.shape[:-1])
+        if not self.uses_routing_key:
+            if routing_key is not None:
+                raise ValueError(
+                    "`routing_key` is only used by `routing='hash'`. "
+                    f"Received: a routing_key for {type(self).__name__}"
+                )
+            return None
+        if routing_key is None:
+            raise ValueError(
+                "`routing='hash'` routes by an integer key per input: call "
+                "the layer as `layer(x, routing_key=ids)` with `ids` of shape "
+                f"{expected} (e.g. token ids). Received: routing_key=None"
+            )
+        if not validation.same_shape(tuple(routing_key.shape), expected):
+            raise ValueError(
+                "`routing_key` must have the shape of the inputs without the "
+                f"last axis, {expected}. Received: "
+                f"routing_key.shape={tuple(routing_key.shape)}"
+            )
+        return ops.reshape(routing_key, (-1,))
+
+    def dispatch(self, decision, experts, tokens, token_mask, mode, training):
+        """Run the experts on the tokens the decision routes to them.
+
+        Args:
+            decision: what `call` returned.
+            experts: a `moe.Experts` or `moe.LayerExperts`.
+            tokens: `(T, d)`; token_mask: bool `(T,)` or `None`.
+            mode: the layer's `dispatch` argument.
+            training: bool.
+
+        Returns:
+            `(outputs (T, d_out), dropped)`: `dropped` is the float32
+            fraction of routed pairs dropped for capacity.
+        """
+        return experts.token_choice(
+            tokens,
+            decision.expert_indices,
+            decision.expert_weights,
+            token_mask,
+            self.capacity_factor,
+            mode,
+            training=training,
+        )
+
+    def per_token(self, decision, token_mask):
+        """`(expert_indices, expert_weights, kept)`, each `(T, k)`, for
+        `MoELayer.route()`; `kept` is False for pairs that are masked or
+        dropped for capacity."""
+        kept = dispatch_lib.kept_pairs(
+            decision.expert_indices,
+            token_mask,
+            self.num_experts,
+            self.capacity_factor,
+        )
+        return decision.expert_indices, decision.expert_weights, kept
+
+    def load(self, decision, token_mask):
+        """float32 `(num_experts,)`: the share of the routed assignments
+        each expert received (`1 / num_experts` each is balanced)."""
+        if decision.load is not None:
+            return decision.load
+        return losses.expert_load(
+            decision.expert_indices,
+            None,
+            self.num_experts,
+            float_mask(token_mask),
+        )
+
+    def telemetry_values(self, decision, token_mask, dropped, full=False):
+        """The statistics `moe.telemetry` logs for one call: `max_load` (the
+        load vector) and `dropped`; with `full`, also `load_<e>` and
+        `telemetry()`'s."""
+        load = self.load(decision, token_mask)  # (num_experts,)
+        values = {"max_load": load, "dropped": dropped}
+        if full:
+            for e in range(self.num_experts):
+                values[f"load_{e}"] = load[e]
+            values.update(self.telemetry(decision, token_mask))
+        return values
+
+    def telemetry(self, decision, token_mask):
+        """A dict `name -> float32 scalar` for `telemetry_names`."""
+        if decision.router_scores is None:
+            return {}
+        return {
+            "router_entropy": losses.router_entropy(
+                normalized(decision.router_scores), float_mask(token_mask)
+            )
+        }
+
+    # --- helpers for subclasses -------------------------------------------
+
+    def make_gating_network(self, num_experts, input_dim, name, seed=None):
+        """A built float32 `GatingNetwork` with this router's settings."""
+        gating_network = GatingNetwork(
+            num_experts=num_experts,
+            noisy=self.router_noise,
+            jitter_noise=self.router_jitter,
+            kernel_initializer=self.router_initializer,
+            seed=seed,
+            dtype="float32",
+            name=name,
+        )
+        gating_network.build((None, input_dim))
+        return gating_network
+
+    def add_router_losses(self, aux_losses=(), z_losses=()):
+        """`add_loss` each loss times its weight (zero weights add none)."""
+        for weight, terms in (
+            (self.aux_loss_weight, aux_losses),
+            (self.z_loss_weight, z_losses),
+        ):
+            if weight:
+                for loss in terms:
+                    self.add_loss(weight * loss)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_experts": self.num_experts,
+                "capacity_factor": self.capacity_factor,
+                "aux_loss_weight": self.aux_loss_weight,
+                "z_loss_weight": self.z_loss_weight,
+                "router_noise": self.router_noise,
+                "router_jitter": self.router_jitter,
+                "router_initializer": keras.initializers.serialize(
+                    self.router_initializer
+                ),
+                "seed": self.seed,
+            }
+        )
+        return config
+
+
+def normalized(scores):
+    """Scores `(T, E)` divided by their sum per token: a distribution for
+    the load-balancing loss and the entropy (unchanged for softmax)."""
+    return scores / ops.maximum(ops.sum(scores, axis=-1, keepdims=True), 1e-20)
+
+
+def float_mask(token_mask):
+    """The float 0/1 mask `moe.losses` takes, from a bool one (or None)."""
+    return None if token_mask is None else ops.cast(token_mask, "float32")
+
+
+def validate_groups(num_experts, num_groups, groups_per_token):
+    """`num_groups` divides `num_experts`; `groups_per_token` (or `None`)
+    is in `[1, num_groups]`."""
+    validation.integer("num_groups", num_groups)
+    if num_experts % num_groups:
+        raise ValueError(
+            "`num_groups` must be an integer >= 1 that divides `num_experts` "
+            f"({num_experts}). Received: num_groups={num_groups}"
+        )
+    if groups_per_token is not None:
+        validation.integer(
+            "groups_per_token",
+            groups_per_token,
+            maximum=num_groups,
+            what=f"between 1 and `num_groups` ({num_groups})",
+        )

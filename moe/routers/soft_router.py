@@ -1,0 +1,108 @@
+from typing import Any, NamedTuple
+
+import keras
+from keras import ops
+
+from moe import losses, routing, validation
+from moe.routers.router import Router, float_mask, normalized
+
+
+class SoftChoice(NamedTuple):
+    """Soft routing: every expert on every token, with a weight each.
+
+    Attributes:
+        expert_weights: float32 `(tokens, num_experts)`.
+        load: float32 `(num_experts,)`, the mean weight of each expert.
+        router_scores: float32 `(tokens, num_experts)`, for the entropy.
+    """
+
+    expert_weights: Any
+    load: Any
+    router_scores: Any
+
+
+@keras.saving.register_keras_serializable(package="moe")
+class SoftRouter(Router):
+    """Every input to every expert, weighted by the router's scores.
+
+    The classic dense mixture (Jacobs et al., 1991), `routing="soft"`: it
+    runs every expert on every input, so it costs `num_experts` dense
+    layers; kept as a reference and for small expert counts.
+    `capacity_factor` has no effect (nothing is dropped). Losses: the
+    load-balancing loss (with the mean weights as the load) and the z-loss.
+
+    Args:
+        num_experts: int >= 1.
+        top_k: `None` or `num_experts` (every expert). Defaults to `None`.
+        score_function: `"softmax"` (weights sum to 1) or `"sigmoid"`.
+            Defaults to `"softmax"`.
+        **kwargs: the `Router` arguments and base layer arguments.
+    """
+
+    def __init__(
+        self, num_experts, top_k=None, score_function="softmax", **kwargs
+    ):
+        if top_k not in (None, num_experts):
+            raise ValueError(
+                "`routing='soft'` uses every expert; leave `top_k` unset. "
+                f"Received: top_k={top_k}"
+            )
+        validation.one_of(
+            "score_function", score_function, routing.SCORE_FUNCTIONS
+        )
+        super().__init__(num_experts, **kwargs)
+        self.top_k = top_k
+        self.score_function = score_function
+
+    @property
+    def experts_per_input(self):
+        return self.num_experts
+
+    @property
+    def telemetry_names(self):
+        return ("router_entropy",)
+
+    def build(self, input_shape):
+        self.gating_network = self.make_gating_network(
+            self.num_experts, input_shape[-1], "gating_network", self.seed
+        )
+
+    def call(self, tokens, token_mask=None, routing_key=None, training=None):
+        decision = self.gating_network(tokens, training=training)
+        logits = decision["router_logits"]
+        scores = decision["router_probs"]
+        distribution = scores
+        if self.score_function != "softmax":
+            scores = routing.expert_scores(logits, self.score_function)
+            distribution = normalized(scores)
+        mask = float_mask(token_mask)
+        # The load of soft routing: each expert's mean share of the weight.
+        load = losses.expert_load(
+            None, distribution, self.num_experts, mask, soft=True
+        )
+        if training:
+            self.add_router_losses(
+                [losses.load_balancing_loss(distribution, load, mask)],
+                [losses.router_z_loss(logits, mask)],
+            )
+        return SoftChoice(scores, load, scores)
+
+    def dispatch(self, decision, experts, tokens, token_mask, mode, training):
+        outputs = experts.soft(
+            tokens, decision.expert_weights, training=training
+        )
+        return outputs, ops.zeros((), "float32")
+
+    def per_token(self, decision, token_mask):
+        indices, weights = routing.soft_routing(decision.expert_weights)
+        kept = ops.ones(ops.shape(weights), "bool")
+        if token_mask is not None:
+            kept = ops.logical_and(kept, token_mask[:, None])
+        return indices, weights, kept
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {"top_k": self.top_k, "score_function": self.score_function}
+        )
+        return config

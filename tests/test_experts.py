@@ -1,0 +1,300 @@
+"""Experts: the stacked `Experts` component, shared experts with their own
+width and Qwen2-MoE's gate, experts that are arbitrary Keras layers (the
+ensemble pattern) and an `MoELayer` as an expert of another (nested MoE),
+checked against the NumPy reference in moe_reference.
+
+Runs on the backend KERAS_BACKEND names; test_backends.py reruns this file on
+the other backends.
+"""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+from layer_contract import check_layer_contract
+from moe_reference import (
+    expert_choice_forward,
+    expert_output,
+    layer_params,
+    moe_forward,
+)
+
+import moe
+
+BACKEND = keras.backend.backend()
+NOT_ON_JAX = pytest.mark.skipif(
+    BACKEND == "jax", reason="JAX runs one case per pattern (slow eager ops)"
+)
+
+
+def random_inputs(shape, seed=0):
+    return np.random.default_rng(seed).normal(size=shape).astype("float32")
+
+
+def to_numpy(x):
+    return ops.convert_to_numpy(x)
+
+
+def numpy_expert(layer):
+    """A `(d,) -> (d_out,)` NumPy view of a built Keras layer (eager)."""
+    return lambda x: to_numpy(layer(x[None].astype("float32")))[0]
+
+
+# --- The stacked Experts component --------------------------------------------
+
+
+@pytest.mark.parametrize("gated, use_bias", [(False, True), (True, False)])
+def test_experts_run_every_expert_like_the_reference(gated, use_bias, tmp_path):
+    def make():
+        return moe.Experts(
+            3, 5, output_dim=4, gated=gated, use_bias=use_bias, name="ex"
+        )
+
+    x = random_inputs((7, 6))
+    check_layer_contract(make, x, tmp_path=tmp_path)
+    keras.utils.set_random_seed(0)
+    experts = make()
+    out = to_numpy(experts(x))  # (3, 7, 4)
+    params = layer_params(experts)
+    activation = "relu"
+    for e in range(3):
+        for t in range(7):
+            want = expert_output(params, e, x[t], activation, gated)
+            np.testing.assert_allclose(out[e, t], want, rtol=1e-5, atol=1e-6)
+
+
+def test_experts_errors():
+    with pytest.raises(ValueError, match="Received: hidden_dim=0"):
+        moe.Experts(2, 0)
+    with pytest.raises(ValueError, match="Received: weight_prefix=''"):
+        moe.Experts(2, 3, weight_prefix="")
+
+
+# --- Shared experts: their own width, Qwen2-MoE's gate ------------------------
+
+
+@pytest.mark.parametrize("dispatch", ["dynamic", "static"])
+def test_wide_gated_shared_expert_equals_reference(dispatch):
+    # Qwen2-MoE: top-k without renormalisation, one wider shared expert
+    # scaled per token by sigmoid(x @ w).
+    keras.utils.set_random_seed(0)
+    layer = moe.MoELayer(
+        4,
+        5,
+        top_k=2,
+        normalize_top_k=False,
+        gated=True,
+        activation="silu",
+        num_shared_experts=1,
+        shared_expert_hidden_dim=9,
+        shared_expert_gate=True,
+        dispatch=dispatch,
+    )
+    x = random_inputs((3, 4, 6))
+    mask = np.arange(4)[None, :] < np.array([4, 2, 1])[:, None]
+    got = to_numpy(layer(x, mask=mask))
+    params = layer_params(layer)
+    assert params["shared_expert_in_kernel"].shape == (1, 6, 9)
+    assert params["shared_gate_kernel"].shape == (6, 1)
+    want, _ = moe_forward(
+        params,
+        x,
+        "top_k",
+        2,
+        mask=mask,
+        activation="silu",
+        gated=True,
+        normalize=False,
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # The gate matters: without it the output differs.
+    del params["shared_gate_kernel"]
+    ungated, _ = moe_forward(
+        params, x, "top_k", 2, mask=mask, activation="silu", gated=True,
+        normalize=False,
+    )  # fmt: skip
+    assert not np.allclose(ungated, want, atol=1e-3)
+
+
+def test_shared_expert_gate_needs_shared_experts():
+    with pytest.raises(ValueError, match="needs `num_shared_experts`"):
+        moe.MoELayer(4, 5, shared_expert_gate=True)
+    with pytest.raises(ValueError, match="shared_expert_hidden_dim=0"):
+        moe.MoELayer(4, 5, num_shared_experts=1, shared_expert_hidden_dim=0)
+
+
+# --- Experts that are Keras layers (the ensemble pattern) ---------------------
+
+
+def ensemble_layers():
+    keras.utils.set_random_seed(1)
+    return [
+        keras.layers.Dense(3, name="linear"),
+        keras.Sequential(
+            [keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(3)],
+            name="mlp",
+        ),
+        keras.layers.Dense(3, use_bias=False, name="nobias"),
+    ]
+
+
+def ensemble(**kwargs):
+    keras.utils.set_random_seed(0)
+    layer = moe.MoELayer(experts=ensemble_layers(), **kwargs)
+    layer.build((None, 6))
+    return layer
+
+
+@pytest.mark.parametrize(
+    "routing, dispatch, capacity_factor",
+    [
+        ("top_k", "dynamic", None),
+        ("top_k", "static", None),
+        pytest.param("top_k", "dynamic", 0.5, marks=NOT_ON_JAX),
+        ("switch", "static", 0.5),
+        pytest.param("soft", "auto", None, marks=NOT_ON_JAX),
+    ],
+)
+def test_layer_experts_equal_reference(routing, dispatch, capacity_factor):
+    layer = ensemble(
+        routing=routing, dispatch=dispatch, capacity_factor=capacity_factor
+    )
+    x = random_inputs((3, 4, 6))
+    mask = np.arange(4)[None, :] < np.array([4, 3, 1])[:, None]
+    got = to_numpy(layer(x, mask=mask))
+    fns = [numpy_expert(e) for e in layer.experts.expert_layers]
+    k = {"top_k": 2, "switch": 1, "soft": 3}[routing]
+    want, kept = moe_forward(
+        layer_params(layer),
+        x,
+        routing,
+        k,
+        capacity_factor,
+        mask,
+        expert_fns=fns,
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    if capacity_factor:
+        assert not kept[mask.reshape(-1)].all()  # some pairs dropped
+
+
+def test_layer_experts_with_expert_choice_equal_reference():
+    layer = ensemble(routing="expert_choice", capacity_factor=1.0)
+    x = random_inputs((8, 6))
+    fns = [numpy_expert(e) for e in layer.experts.expert_layers]
+    want, _ = expert_choice_forward(layer_params(layer), x, 1.0, expert_fns=fns)
+    np.testing.assert_allclose(to_numpy(layer(x)), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dispatch", ["dynamic", "static"])
+def test_layer_expert_never_sees_inputs_not_routed_to_it(dispatch):
+    layer = ensemble(routing="top_k", top_k=1, dispatch=dispatch)
+    x = random_inputs((12, 6))
+    before = to_numpy(layer(x))
+    chosen = to_numpy(layer.route(x)["expert_indices"])[:, 0]
+    for e, expert in enumerate(layer.experts.expert_layers):
+        originals = [to_numpy(w) for w in expert.weights]
+        for w in expert.weights:
+            w.assign(to_numpy(w) + 10.0)
+        after = to_numpy(layer(x))
+        for w, value in zip(expert.weights, originals):
+            w.assign(value)
+        users = chosen == e
+        assert users.any()
+        np.testing.assert_array_equal(after[~users], before[~users])
+        assert np.all(np.abs(after[users] - before[users]).max(axis=1) > 1e-3)
+
+
+def test_layer_experts_errors():
+    with pytest.raises(ValueError, match="Every expert must be a Keras layer"):
+        moe.MoELayer(experts=[keras.layers.Dense(3), "dense"])
+    dense = keras.layers.Dense(3)
+    with pytest.raises(ValueError, match="its own layer"):
+        moe.MoELayer(experts=[dense, dense])
+    with pytest.raises(ValueError, match=r"is their number \(2\)"):
+        moe.MoELayer(4, experts=[keras.layers.Dense(3), keras.layers.Dense(3)])
+    widths = moe.MoELayer(
+        experts=[keras.layers.Dense(3), keras.layers.Dense(4)]
+    )
+    with pytest.raises(ValueError, match="same output width"):
+        widths.build((None, 6))
+
+
+def test_layer_experts_contract(tmp_path):
+    x = random_inputs((4, 3, 6))
+    mask = np.arange(3)[None, :] < np.array([3, 2, 2, 1])[:, None]
+    check_layer_contract(
+        lambda: moe.MoELayer(
+            experts=ensemble_layers(),
+            num_shared_experts=1,
+            hidden_dim=4,
+            output_dim=3,
+            name="ens",
+        ),
+        x,
+        call_args={"mask": mask},
+        mask="mask",
+        tmp_path=tmp_path,
+    )
+
+
+# --- Nested MoE: an MoELayer as an expert of another --------------------------
+
+
+def nested(dispatch="auto"):
+    keras.utils.set_random_seed(2)
+    inner = [
+        moe.MoELayer(2, 4, top_k=1, name=f"inner_{i}", dispatch=dispatch)
+        for i in range(2)
+    ]
+    return moe.MoELayer(
+        experts=[*inner, keras.layers.Dense(6, name="plain")],
+        top_k=2,
+        dispatch=dispatch,
+        name="outer",
+    )
+
+
+@pytest.mark.parametrize("dispatch", ["dynamic", "static"])
+def test_nested_moe_equals_reference_and_adds_inner_losses(dispatch):
+    layer = nested(dispatch)
+    x = random_inputs((3, 4, 6))
+    mask = np.arange(4)[None, :] < np.array([4, 2, 1])[:, None]
+    got = to_numpy(layer(x, mask=mask, training=True))
+    losses = [float(to_numpy(v)) for v in layer.losses]
+    # 2 outer losses and 2 per inner MoE.
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    fns = []
+    for expert in layer.experts.expert_layers:
+        if isinstance(expert, moe.MoELayer):
+            # An inner top-1 MoE, dropless: each row is routed on its own.
+            params = layer_params(expert)
+            fns.append(
+                lambda v, p=params: moe_forward(p, v[None], "top_k", 1)[0][0]
+            )
+        else:
+            fns.append(numpy_expert(expert))
+    want, _ = moe_forward(
+        layer_params(layer), x, "top_k", 2, mask=mask, expert_fns=fns
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    return losses
+
+
+@pytest.mark.skipif(BACKEND == "jax", reason="JAX traces fit: static only")
+def test_nested_inner_losses_ignore_the_static_buffers_padding():
+    # Under the static layout each inner MoE gets a buffer padded with zero
+    # rows; it is told which rows are real, so its losses are the same.
+    x = random_inputs((3, 4, 6))
+    losses = []
+    for dispatch in ("dynamic", "static"):
+        layer = nested(dispatch)
+        layer(x, training=True)
+        losses.append([float(to_numpy(v)) for v in layer.losses])
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def test_nested_moe_contract(tmp_path):
+    check_layer_contract(
+        nested, random_inputs((8, 6)), untrained=("inner_",), tmp_path=tmp_path
+    )
