@@ -9,7 +9,9 @@ experts) on JAX and PyTorch.
 """
 
 import importlib.util
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -267,6 +269,53 @@ def test_hub_config_names_are_read(blocks):
     layer = from_transformers(config, block.weights)
     assert layer.num_experts == 8
     assert max_abs_diff(run(layer, block.inputs), block.outputs) < TOLERANCE
+
+
+@needs_transformers
+def test_docs_example_reads_a_checkpoint_shard(blocks, tmp_path, monkeypatch):
+    # The example of docs/convert.md, on a checkpoint directory laid out
+    # like Mixtral's on the Hub: per-expert weights, other layers beside.
+    from safetensors.numpy import save_file
+
+    block = blocks("mixtral")
+    checkpoint = tmp_path / "Mixtral-8x7B-v0.1"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps(block.config))
+    tensors = {
+        f"model.layers.{layer}.block_sparse_moe.{name}": value
+        for layer in (0, 10)
+        for name, value in per_expert_weights("mixtral", block.weights).items()
+    }
+    tensors["model.layers.0.self_attn.q_proj.weight"] = np.ones((16, 16))
+    save_file(
+        {k: np.asarray(v, "float32") for k, v in tensors.items()},
+        checkpoint / "model-00001-of-00019.safetensors",
+    )
+    docs = Path(__file__).resolve().parents[1] / "docs" / "convert.md"
+    (example,) = re.findall(r"```python\n(.*?)```", docs.read_text(), re.S)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(example, str(docs), "exec"), namespace)
+    assert ops.convert_to_numpy(namespace["outputs"]).shape == (1, 10, 16)
+    layer = namespace["layer"]
+    assert max_abs_diff(run(layer, block.inputs), block.outputs) < TOLERANCE
+
+
+@needs_transformers
+def test_mixed_precision_policy_runs_the_experts_in_bfloat16(blocks):
+    block = blocks("mixtral")
+    layer = from_transformers(
+        block.config, block.weights, dtype="mixed_bfloat16"
+    )
+    assert layer.expert_in_kernel.dtype == "float32"
+    assert layer.gating_network.router_kernel.dtype == "float32"
+    outputs = layer(block.inputs)
+    assert keras.backend.standardize_dtype(outputs.dtype) == "bfloat16"
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(ops.cast(outputs, "float32")),
+        block.outputs,
+        atol=0.1,
+    )
 
 
 def test_no_torch_or_transformers_import():
