@@ -110,7 +110,7 @@ def from_transformers(config, weights, **layer_arguments):
     ...     "experts.down_proj": rng.normal(size=(4, 8, 16)),
     ... }
     >>> layer = from_transformers(config, weights)
-    >>> layer(np.ones((2, 5, 8), "float32")).shape
+    >>> tuple(layer(np.ones((2, 5, 8), "float32")).shape)
     (2, 5, 8)
     """
     model_type = config.get("model_type")

@@ -8,6 +8,7 @@ of Mixtral and DeepSeek-V3 (softmax and sigmoid routers, groups, bias, shared
 experts) on JAX and PyTorch.
 """
 
+import doctest
 import importlib.util
 import json
 import os
@@ -29,6 +30,7 @@ from hf_blocks import (
 from keras import ops
 
 import moe
+import moe.convert
 from moe.convert import from_transformers
 
 BACKEND = keras.backend.backend()
@@ -360,6 +362,12 @@ def mixtral_weights():
         "experts.gate_up_proj": np.ones((2, 6, 4), "float32"),
         "experts.down_proj": np.ones((2, 4, 3), "float32"),
     }
+
+
+def test_docstring_example_runs():
+    result = doctest.testmod(moe.convert, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0
+    assert result.failed == 0
 
 
 def test_mixtral_config_and_weights_convert():
