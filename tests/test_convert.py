@@ -20,6 +20,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from conftest import run_pytest_on_backend
 from hf_blocks import (
     CASES,
     hf_block,
@@ -476,23 +477,11 @@ OTHER_BACKENDS = [b for b in ("jax", "torch") if b != BACKEND]
 def test_parity_on_other_backends(backend):
     if importlib.util.find_spec(backend) is None:
         pytest.skip(f"{backend} is not installed")
-    env = dict(os.environ, KERAS_BACKEND=backend)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-k",
-            "parity and (mixtral or deepseek_v3 or selection_bias) "
-            "and not other_backends",
-            str(Path(__file__)),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
+    result = run_pytest_on_backend(
+        backend,
+        "-k",
+        "parity and (mixtral or deepseek_v3 or selection_bias) "
+        "and not other_backends",
+        str(Path(__file__)),
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
