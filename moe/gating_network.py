@@ -79,13 +79,7 @@ class GatingNetwork(keras.layers.Layer):
         **kwargs,
     ):
         validation.integer("num_experts", num_experts)
-        if top_k is not None:
-            validation.integer(
-                "top_k",
-                top_k,
-                maximum=num_experts,
-                what=f"between 1 and `num_experts` ({num_experts})",
-            )
+        validation.top_k(top_k, num_experts)
         validation.boolean("normalize_top_k", normalize_top_k)
         validation.boolean("noisy", noisy)
         validation.number("jitter_noise", jitter_noise, 0, 1, max_open=True)

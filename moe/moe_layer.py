@@ -193,9 +193,18 @@ class MoELayer(MoELayerCompat, keras.layers.Layer):
         decision = self.router(
             tokens, token_mask=token_mask, routing_key=keys, training=training
         )
-        outputs, dropped = self.router.dispatch(
-            decision, self.experts, tokens, token_mask, self.dispatch, training
-        )
+        if tokens.shape[0] == 0:  # nothing to dispatch (an empty batch)
+            width = self.compute_output_shape(tokens.shape)[-1]
+            outputs, dropped = ops.zeros((0, width), tokens.dtype), 0.0
+        else:
+            outputs, dropped = self.router.dispatch(
+                decision,
+                self.experts,
+                tokens,
+                token_mask,
+                self.dispatch,
+                training,
+            )
         if self.shared_experts is not None:
             shared = self.shared_experts.dense(tokens)  # (T, d_out)
             if self.shared_expert_gate:

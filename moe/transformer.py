@@ -131,7 +131,7 @@ class MoETransformerBlock(keras.layers.Layer):
         # Created here rather than in build() so that invalid MoE settings
         # fail at construction, like the block's own arguments; its weights
         # are still created in build(). Named after the block: its telemetry
-        # metrics (`<name>_load_<e>`, ...) share one namespace in fit() logs
+        # metrics (`<name>_max_load`, ...) share one namespace in fit() logs
         # with those of the other blocks.
         self.moe = MoELayer(
             num_experts=num_experts,

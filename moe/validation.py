@@ -37,6 +37,17 @@ def integer(name, value, minimum=1, maximum=None, what=None):
     raise ValueError(f"`{name}` must be {what}. Received: {name}={value!r}")
 
 
+def top_k(value, num_experts):
+    """`top_k` is `None` or an integer in `[1, num_experts]`."""
+    if value is not None:
+        integer(
+            "top_k",
+            value,
+            maximum=num_experts,
+            what=f"between 1 and `num_experts` ({num_experts})",
+        )
+
+
 def number(
     name, value, minimum=None, maximum=None, min_open=False, max_open=False
 ):

@@ -278,7 +278,6 @@ def test_nested_moe_equals_reference_and_adds_inner_losses(dispatch):
         layer_params(layer), x, "top_k", 2, mask=mask, expert_fns=fns
     )
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-    return losses
 
 
 @pytest.mark.skipif(BACKEND == "jax", reason="JAX traces fit: static only")

@@ -14,6 +14,10 @@ def to_numpy(x):
     return ops.convert_to_numpy(x)
 
 
+def tensor(x):
+    return ops.convert_to_tensor(x)
+
+
 def scores(shape=(9, 8), seed=0):
     return softmax(np.random.default_rng(seed).normal(size=shape)).astype(
         "float32"
@@ -23,7 +27,7 @@ def scores(shape=(9, 8), seed=0):
 @pytest.mark.parametrize("score_function", ["softmax", "sigmoid"])
 def test_expert_scores(score_function):
     logits = np.random.default_rng(0).normal(size=(5, 4)).astype("float32")
-    got = to_numpy(routing.expert_scores(logits, score_function))
+    got = to_numpy(routing.expert_scores(tensor(logits), score_function))
     want = softmax(logits) if score_function == "softmax" else sigmoid(logits)
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
@@ -32,7 +36,9 @@ def test_expert_scores(score_function):
 @pytest.mark.parametrize("groups_per_token", [1, 3])
 def test_limit_to_groups_keeps_the_best_groups(group_score, groups_per_token):
     s = scores()
-    got = to_numpy(routing.limit_to_groups(s, 4, groups_per_token, group_score))
+    got = to_numpy(
+        routing.limit_to_groups(tensor(s), 4, groups_per_token, group_score)
+    )
     for t in range(len(s)):
         grouped = s[t].reshape(4, 2)
         per_group = (
@@ -72,7 +78,10 @@ def test_top_k_selection_equals_per_token_loop(options):
     if options.pop("selection_bias", None):
         bias = np.random.default_rng(2).normal(0, 0.1, 8).astype("float32")
     indices, weights = routing.top_k_selection(
-        s, 3, selection_bias=bias, **options
+        tensor(s),
+        3,
+        selection_bias=None if bias is None else tensor(bias),
+        **options,
     )
     groups = None
     if "num_groups" in options:
@@ -98,14 +107,14 @@ def test_top_k_selection_equals_per_token_loop(options):
 
 def test_top_k_routing_and_soft_routing():
     s = scores()
-    indices, weights = routing.top_k_routing(s, 2, normalize=False)
+    indices, weights = routing.top_k_routing(tensor(s), 2, normalize=False)
     np.testing.assert_array_equal(
         to_numpy(indices), np.argsort(-s, axis=1, kind="stable")[:, :2]
     )
     np.testing.assert_allclose(
         to_numpy(weights), -np.sort(-s, axis=1)[:, :2], rtol=1e-6
     )
-    indices, weights = routing.soft_routing(s)
+    indices, weights = routing.soft_routing(tensor(s))
     np.testing.assert_array_equal(
         to_numpy(indices), np.tile(np.arange(8), (9, 1))
     )
@@ -129,7 +138,9 @@ def test_expert_choice_capacity(tokens, factor, want):
 def test_expert_choice_routing_picks_best_unmasked_tokens():
     s = scores((10, 4), seed=3)
     mask = np.array([1, 1, 0, 1, 1, 1, 0, 1, 1, 1], bool)
-    indices, weights, picked = routing.expert_choice_routing(s, 3, mask)
+    indices, weights, picked = routing.expert_choice_routing(
+        tensor(s), 3, tensor(mask)
+    )
     for e in range(4):
         candidates = sorted(np.flatnonzero(mask), key=lambda t: -s[t, e])[:3]
         assert to_numpy(indices)[e].tolist() == candidates
@@ -138,7 +149,9 @@ def test_expert_choice_routing_picks_best_unmasked_tokens():
     # More picks than routed tokens: the extra picks are not real.
     few = np.zeros(10, bool)
     few[:2] = True
-    _, weights, picked = routing.expert_choice_routing(s, 3, few)
+    _, weights, picked = routing.expert_choice_routing(
+        tensor(s), 3, tensor(few)
+    )
     assert to_numpy(picked).sum(axis=1).tolist() == [2, 2, 2, 2]
     assert (to_numpy(weights)[~to_numpy(picked)] == 0).all()
 
@@ -148,7 +161,7 @@ def test_hierarchical_routing_equals_loop():
     group_probs = softmax(rng.normal(size=(6, 2))).astype("float32")
     logits = rng.normal(size=(6, 8)).astype("float32")
     indices, weights, joint = routing.hierarchical_routing(
-        group_probs, logits, 2, 3
+        tensor(group_probs), tensor(logits), 2, 3
     )
     for t in range(6):
         pairs = []
@@ -165,7 +178,7 @@ def test_hierarchical_routing_equals_loop():
 
 def test_hash_routing_is_the_documented_formula():
     keys = np.array([0, 1, 46337, 2**31 - 1, 123456], "int32")
-    indices, weights = routing.hash_routing(keys, 8)
+    indices, weights = routing.hash_routing(tensor(keys), 8)
     for key, expert in zip(keys, to_numpy(indices)[:, 0]):
         q, r = divmod(int(key), 46337)
         h = (28411 * r + 17389 * (q % 46337) + 9241) % 46337

@@ -18,7 +18,7 @@ from moe.routers.registry import (
     router_for,
     serialize,
 )
-from moe.routers.router import Router, TokenChoice
+from moe.routers.router import LearnedRouter, Router, TokenChoice
 from moe.routers.soft_router import SoftChoice, SoftRouter
 from moe.routers.top_k_router import TopKRouter
 
@@ -29,6 +29,7 @@ __all__ = [
     "HashRouter",
     "HierarchicalChoice",
     "HierarchicalRouter",
+    "LearnedRouter",
     "Router",
     "SoftChoice",
     "SoftRouter",

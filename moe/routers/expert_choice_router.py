@@ -5,7 +5,7 @@ from keras import ops
 
 from moe import dispatch as dispatch_lib
 from moe import losses, routing, validation
-from moe.routers.router import Router, float_mask
+from moe.routers.router import LearnedRouter, float_mask
 
 # With `capacity_factor=None` each expert picks `2 * tokens / experts`
 # inputs, the paper's EC-CF2 setting.
@@ -35,23 +35,16 @@ class ExpertChoice(NamedTuple):
 
 
 @keras.saving.register_keras_serializable(package="moe")
-class ExpertChoiceRouter(Router):
+class ExpertChoiceRouter(LearnedRouter):
     """Each expert picks its inputs (Zhou et al., 2022).
 
-    `routing="expert_choice"`: each expert takes the
-    `C = ceil(capacity_factor * tokens / num_experts)` inputs (clipped to
-    `[0, tokens]`) it scores highest, with `capacity_factor` 2.0 when unset
-    (EC-CF2); the combine weight of a pick is that score. An input may be
-    picked by several experts or by none (then its output is zero, counted
-    in `dropped`); masked inputs are never picked. Every expert runs on
-    exactly `C` inputs: balanced by construction, so no load-balancing loss
-    (`aux_loss_weight` has no effect); the z-loss applies.
-
-    The picks run over all the inputs of one call (batch x sequence), so an
-    input's output depends on the other inputs, later positions of its
-    sequence included: not causal, and unsuited as-is to autoregressive
-    decoding (use token choice there). With a single input every expert
-    picks it: the soft, dense mixture.
+    `routing="expert_choice"`: each expert takes the inputs it scores
+    highest, `expert_capacity(tokens, 1, num_experts, capacity_factor)` of
+    them (`capacity_factor` 2.0 when unset), weighted by that score; an
+    input may be picked by several experts or none. Balanced by
+    construction (no load-balancing loss; the z-loss applies), and not
+    causal: the picks run over all the inputs of a call. See
+    `docs/layers.md`.
 
     Args:
         num_experts: int >= 1.
@@ -82,21 +75,8 @@ class ExpertChoiceRouter(Router):
             return DEFAULT_CAPACITY_FACTOR
         return self.capacity_factor
 
-    @property
-    def telemetry_names(self):
-        return ("router_entropy",)
-
-    def build(self, input_shape):
-        self.gating_network = self.make_gating_network(
-            self.num_experts, input_shape[-1], "gating_network", self.seed
-        )
-
     def call(self, tokens, token_mask=None, routing_key=None, training=None):
-        decision = self.gating_network(tokens, training=training)
-        logits = decision["router_logits"]
-        scores = decision["router_probs"]
-        if self.score_function != "softmax":
-            scores = routing.expert_scores(logits, self.score_function)
+        logits, scores, _ = self.scores(tokens, training, self.score_function)
         num_tokens = dispatch_lib.static_dim(tokens, 0)
         # Expert choice's picks per expert: the capacity rule with k = 1.
         capacity = dispatch_lib.expert_capacity(

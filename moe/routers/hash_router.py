@@ -8,14 +8,12 @@ from moe.routers.router import Router, TokenChoice, float_mask
 class HashRouter(Router):
     """Each input to one expert, a fixed hash of an integer key.
 
-    Hash layers (Roller et al., 2021), `routing="hash"`: no learned router.
-    The layer is called as `layer(x, routing_key=ids)` (e.g. token ids,
-    `>= 0`); key `n` goes to expert `moe.routing.hash_routing(n)` with
-    weight 1, the same on every backend and after saving and loading.
-    `capacity_factor` applies as for top-k. Nothing to train in the routing,
-    so no losses and no router entropy: `aux_loss_weight`,
-    `z_loss_weight`, `router_noise`, `router_jitter`, `router_initializer`
-    and `seed` have no effect.
+    `routing="hash"` (Roller et al., 2021): no learned router; the layer is
+    called as `layer(x, routing_key=ids)` and key `n` goes to expert
+    `moe.routing.hash_routing(n)` with weight 1, the same on every backend.
+    `capacity_factor` applies; no losses, and the learned-router arguments
+    (loss weights, noise, jitter, initializer, seed) have no effect. See
+    `docs/layers.md`.
 
     Args:
         num_experts: int >= 1.

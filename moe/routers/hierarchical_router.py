@@ -35,19 +35,12 @@ class HierarchicalChoice(NamedTuple):
 class HierarchicalRouter(Router):
     """Two routers: the best groups of experts, then experts within them.
 
-    `routing="hierarchical"`: `num_experts` experts in `num_groups` groups
-    of consecutive experts. A group router (`group_gating_network`) picks
-    each input's `groups_per_token` (default 1) most probable groups; an
-    expert router (`gating_network`), whose softmax runs within each group,
-    picks `top_k` experts (default 2, or the group size if smaller) in each
-    chosen group. The weight of expert `e` of group `g` is
-    `p(g) * p(e | g)`; inputs are dispatched to the flat expert index,
-    sparsely, like top-k (capacity included).
-
-    Losses at both levels: the load balance over the groups and over all
-    experts under the joint probabilities, and the z-loss of the group
-    logits and of each group's expert logits (averaged). Telemetry adds
-    `router_entropy` (joint), `group_load_<g>` and `group_router_entropy`.
+    `routing="hierarchical"`: a group router (`group_gating_network`) picks
+    each input's `groups_per_token` groups of consecutive experts, an
+    expert router (`gating_network`, softmax within each group) its `top_k`
+    experts in each; weight `p(group) * p(expert | group)`. Losses at both
+    levels; telemetry adds the group loads and entropy. See
+    `docs/layers.md`.
 
     Args:
         num_experts: int >= 1.

@@ -6,7 +6,7 @@ import keras
 from keras import ops
 
 from moe import dispatch as dispatch_lib
-from moe import losses, validation
+from moe import losses, routing, validation
 from moe.gating_network import GatingNetwork
 
 
@@ -268,6 +268,18 @@ class Router(keras.layers.Layer):
         gating_network.build((None, input_dim))
         return gating_network
 
+    def scores(self, tokens, training, score_function="softmax"):
+        """`(logits, scores, distribution)`, float32 `(T, E)` each, from
+        `self.gating_network`: the logits (noise included), the scores
+        (`moe.routing.expert_scores`) and the scores normalised per token
+        (the same tensor for softmax)."""
+        decision = self.gating_network(tokens, training=training)
+        logits, scores = decision["router_logits"], decision["router_probs"]
+        if score_function == "softmax":
+            return logits, scores, scores
+        scores = routing.expert_scores(logits, score_function)
+        return logits, scores, normalized(scores)
+
     def add_router_losses(self, aux_losses=(), z_losses=()):
         """`add_loss` each loss times its weight (zero weights add none)."""
         for weight, terms in (
@@ -295,6 +307,21 @@ class Router(keras.layers.Layer):
             }
         )
         return config
+
+
+class LearnedRouter(Router):
+    """A `Router` with one learned `GatingNetwork` over the experts
+    (`self.gating_network`, built in `build`), and `router_entropy` among
+    its telemetry: the base of the top-k, soft and expert-choice routers."""
+
+    @property
+    def telemetry_names(self):
+        return ("router_entropy",)
+
+    def build(self, input_shape):
+        self.gating_network = self.make_gating_network(
+            self.num_experts, input_shape[-1], "gating_network", self.seed
+        )
 
 
 def normalized(scores):

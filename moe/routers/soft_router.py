@@ -4,7 +4,7 @@ import keras
 from keras import ops
 
 from moe import losses, routing, validation
-from moe.routers.router import Router, float_mask, normalized
+from moe.routers.router import LearnedRouter, float_mask
 
 
 class SoftChoice(NamedTuple):
@@ -22,14 +22,13 @@ class SoftChoice(NamedTuple):
 
 
 @keras.saving.register_keras_serializable(package="moe")
-class SoftRouter(Router):
+class SoftRouter(LearnedRouter):
     """Every input to every expert, weighted by the router's scores.
 
-    The classic dense mixture (Jacobs et al., 1991), `routing="soft"`: it
-    runs every expert on every input, so it costs `num_experts` dense
-    layers; kept as a reference and for small expert counts.
-    `capacity_factor` has no effect (nothing is dropped). Losses: the
-    load-balancing loss (with the mean weights as the load) and the z-loss.
+    `routing="soft"`, the dense mixture: every expert runs on every input
+    (`num_experts` times the compute); `capacity_factor` has no effect.
+    Losses: load balancing (the mean weights as the load) and z-loss. See
+    `docs/layers.md`.
 
     Args:
         num_experts: int >= 1.
@@ -58,23 +57,10 @@ class SoftRouter(Router):
     def experts_per_input(self):
         return self.num_experts
 
-    @property
-    def telemetry_names(self):
-        return ("router_entropy",)
-
-    def build(self, input_shape):
-        self.gating_network = self.make_gating_network(
-            self.num_experts, input_shape[-1], "gating_network", self.seed
-        )
-
     def call(self, tokens, token_mask=None, routing_key=None, training=None):
-        decision = self.gating_network(tokens, training=training)
-        logits = decision["router_logits"]
-        scores = decision["router_probs"]
-        distribution = scores
-        if self.score_function != "softmax":
-            scores = routing.expert_scores(logits, self.score_function)
-            distribution = normalized(scores)
+        logits, scores, distribution = self.scores(
+            tokens, training, self.score_function
+        )
         mask = float_mask(token_mask)
         # The load of soft routing: each expert's mean share of the weight.
         load = losses.expert_load(

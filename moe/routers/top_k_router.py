@@ -3,40 +3,24 @@ from keras import ops
 
 from moe import losses, routing, validation
 from moe.routers.router import (
-    Router,
+    LearnedRouter,
     TokenChoice,
     float_mask,
-    normalized,
     validate_groups,
 )
 
 
 @keras.saving.register_keras_serializable(package="moe")
-class TopKRouter(Router):
+class TopKRouter(LearnedRouter):
     """Token choice: each input goes to its `top_k` best-scoring experts.
 
-    The router of `routing="top_k"` and `routing="switch"` (top-1, raw
-    probability), and of the MoE blocks of Mixtral, Qwen-MoE, OLMoE and
-    DeepSeek. A float32 linear map (`gating_network`) gives one logit per
-    expert; `score_function` turns the logits into scores. The experts are
-    chosen on the scores plus an optional per-expert `selection_bias`,
-    optionally only within each token's `groups_per_token` best groups of
-    experts; the combine weights are the unbiased scores of the chosen
-    experts, renormalised to sum to 1 or not, times
-    `routed_scaling_factor` (`moe.routing.top_k_selection`).
-
-    Losses (training): the load-balancing loss
-    `aux_loss_weight * E * sum_e f_e * P_e` (`f_e` the share of assignments
-    to expert `e`, `P_e` its mean score, scores normalised per token when
-    sigmoid) and the router z-loss. Telemetry adds `router_entropy`.
-
-    Auxiliary-loss-free balancing (Wang et al., 2024; DeepSeek-V3): with
-    `selection_bias=True` and `bias_update_rate > 0`, every training call
-    moves the bias by `bias_update_rate * sign(mean load - load)` (`load`:
-    the assignments per expert in that call, before capacity), which favours
-    the experts that got less than their share in the next steps. The bias
-    is a non-trainable float32 variable (`selection_bias`), updated on every
-    backend inside `fit()`; usually with `aux_loss_weight=0`.
+    The router of `routing="top_k"` and `"switch"`, and of the open models'
+    MoE blocks (Mixtral, Qwen-MoE, OLMoE, DeepSeek): float32 scores, an
+    optional selection bias and group-limited selection to choose the
+    experts, the unbiased scores (renormalised or not, scaled) as combine
+    weights (`moe.routing.top_k_selection`); auxiliary-loss-free balancing
+    moves the bias in training. Losses: load balancing and z-loss. See
+    `docs/layers.md` ("Routings", "Router options", "Balancing").
 
     Args:
         num_experts: int >= 1.
@@ -87,13 +71,7 @@ class TopKRouter(Router):
         **kwargs,
     ):
         validation.integer("num_experts", num_experts)
-        if top_k is not None:
-            validation.integer(
-                "top_k",
-                top_k,
-                maximum=num_experts,
-                what=f"between 1 and `num_experts` ({num_experts})",
-            )
+        validation.top_k(top_k, num_experts)
         validation.one_of(
             "score_function", score_function, routing.SCORE_FUNCTIONS
         )
@@ -142,14 +120,8 @@ class TopKRouter(Router):
             return min(2, self.num_experts)
         return self.top_k
 
-    @property
-    def telemetry_names(self):
-        return ("router_entropy",)
-
     def build(self, input_shape):
-        self.gating_network = self.make_gating_network(
-            self.num_experts, input_shape[-1], "gating_network", self.seed
-        )
+        super().build(input_shape)
         if self.use_selection_bias:
             self.selection_bias = self.add_weight(
                 name="selection_bias",
@@ -161,13 +133,10 @@ class TopKRouter(Router):
             )
 
     def call(self, tokens, token_mask=None, routing_key=None, training=None):
-        decision = self.gating_network(tokens, training=training)
-        logits = decision["router_logits"]  # (T, E), float32
-        scores = decision["router_probs"]
-        distribution = scores
-        if self.score_function != "softmax":
-            scores = routing.expert_scores(logits, self.score_function)
-            distribution = normalized(scores)
+        # (T, E) float32 each.
+        logits, scores, distribution = self.scores(
+            tokens, training, self.score_function
+        )
         indices, weights = routing.top_k_selection(
             scores,
             self.experts_per_input,
