@@ -1,0 +1,487 @@
+"""`moe.convert.from_transformers` against the real Hugging Face blocks.
+
+Each case of hf_blocks.CASES builds a tiny seeded block with `transformers`
+(float32, CPU); the converted `MoELayer` must give its outputs to 1e-5, its
+training losses, and ignore an expert no token chose. Runs on the backend
+KERAS_BACKEND names; `test_parity_on_other_backends` reruns the parity tests
+of Mixtral and DeepSeek-V3 (softmax and sigmoid routers, groups, bias, shared
+experts) on JAX and PyTorch.
+"""
+
+import doctest
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from conftest import run_pytest_on_backend
+from hf_blocks import (
+    CASES,
+    hf_block,
+    hf_load_balancing_loss,
+    hf_router_z_loss,
+    per_expert_weights,
+)
+from keras import ops
+
+import moe
+import moe.convert
+from moe.convert import from_transformers
+
+BACKEND = keras.backend.backend()
+TOLERANCE = 1e-5
+needs_transformers = pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None,
+    reason="transformers is not installed (requirements-dev.txt)",
+)
+# Models whose Hugging Face block has the fused transformers-5 experts and
+# whose checkpoints hold one matrix per expert.
+PER_EXPERT_LAYOUTS = ["mixtral", "qwen2_moe", "olmoe", "deepseek_v3"]
+
+
+def run(layer, inputs, **kwargs):
+    return ops.convert_to_numpy(layer(inputs, **kwargs))
+
+
+def max_abs_diff(a, b):
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+
+
+@pytest.fixture(scope="module")
+def blocks():
+    """One Hugging Face block per case, built once."""
+    cache = {}
+
+    def get(case, **kwargs):
+        key = (case, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = hf_block(case, **kwargs)
+        return cache[key]
+
+    return get
+
+
+# --- Parity ------------------------------------------------------------------
+
+
+@needs_transformers
+@pytest.mark.parametrize("case", CASES)
+def test_parity_outputs_match_hugging_face(blocks, case):
+    block = blocks(case)
+    layer = from_transformers(block.config, block.weights)
+    assert max_abs_diff(run(layer, block.inputs), block.outputs) < TOLERANCE
+
+
+@needs_transformers
+@pytest.mark.parametrize("case", PER_EXPERT_LAYOUTS)
+def test_parity_per_expert_layout_of_older_checkpoints(blocks, case):
+    block = blocks(case)
+    weights = per_expert_weights(case, block.weights)
+    assert "experts.gate_up_proj" not in weights
+    layer = from_transformers(block.config, weights)
+    assert max_abs_diff(run(layer, block.inputs), block.outputs) < TOLERANCE
+
+
+@needs_transformers
+@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_parity_on_rank_2_inputs_and_routing_decision(blocks, case):
+    block = blocks(case)
+    layer = from_transformers(block.config, block.weights)
+    d = block.inputs.shape[-1]
+    tokens = block.inputs.reshape(-1, d)
+    outputs = run(layer, tokens)
+    assert max_abs_diff(outputs, block.outputs.reshape(-1, d)) < TOLERANCE
+    chosen = ops.convert_to_numpy(layer.route(tokens)["expert_indices"])
+    np.testing.assert_array_equal(
+        np.sort(chosen, -1), np.sort(block.expert_indices, -1)
+    )
+
+
+@needs_transformers
+@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_parity_expert_nobody_chose_changes_nothing(blocks, case):
+    # Two tokens choose at most 2 * k of the experts.
+    block = blocks(case, batch=1, seq=2)
+    unchosen = sorted(
+        set(range(block.router_logits.shape[-1]))
+        - set(block.expert_indices.ravel())
+    )
+    assert unchosen
+    weights = dict(block.weights)
+    for name in ("experts.gate_up_proj", "experts.down_proj"):
+        weights[name] = weights[name].copy()
+        weights[name][unchosen] += 100.0
+    layer = from_transformers(block.config, weights)
+    reference = from_transformers(block.config, block.weights)
+    np.testing.assert_array_equal(
+        run(layer, block.inputs), run(reference, block.inputs)
+    )
+    assert max_abs_diff(run(layer, block.inputs), block.outputs) < TOLERANCE
+
+
+@needs_transformers
+def test_parity_selection_bias_changes_choices_not_weights(blocks):
+    # The test block's bias changes some choices, so the layer uses it.
+    block = blocks("deepseek_v3")
+    weights = dict(block.weights)
+    weights["gate.e_score_correction_bias"] = np.zeros(16, "float32")
+    unbiased = from_transformers(block.config, weights)
+    biased = from_transformers(block.config, block.weights)
+    chosen = ops.convert_to_numpy(biased.route(block.inputs)["expert_indices"])
+    unbiased_chosen = unbiased.route(block.inputs)["expert_indices"]
+    assert not np.array_equal(
+        np.sort(chosen, -1), np.sort(ops.convert_to_numpy(unbiased_chosen), -1)
+    )
+
+
+# --- Training losses ---------------------------------------------------------
+
+
+def training_losses(layer, inputs):
+    layer(inputs, training=True)
+    return [float(ops.convert_to_numpy(loss)) for loss in layer.losses]
+
+
+@needs_transformers
+@pytest.mark.parametrize(
+    "case", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "jamba"]
+)
+def test_load_balancing_loss_is_hugging_faces(blocks, case):
+    block = blocks(case)
+    layer = from_transformers(block.config, block.weights)
+    coef = block.config["router_aux_loss_coef"]
+    (aux_loss,) = training_losses(layer, block.inputs)  # no z-loss
+    expected = coef * hf_load_balancing_loss(case, block)
+    np.testing.assert_allclose(aux_loss, expected, rtol=1e-5)
+    # Hugging Face's top-k form counts k choices per token: k when
+    # balanced, where MoELayer's loss is 1.
+    top_k = block.config["num_experts_per_tok"]
+    assert layer.aux_loss_weight == pytest.approx(coef * top_k)
+
+
+@needs_transformers
+def test_switch_losses_are_hugging_faces_per_sequence(blocks):
+    # Hugging Face averages Switch's losses over sequences: one call each.
+    block = blocks("switch_transformers", router_jitter_noise=0.0)
+    layer = from_transformers(block.config, block.weights)
+    per_sequence = [training_losses(layer, x[None]) for x in block.inputs]
+    aux_loss, z_loss = np.mean(per_sequence, axis=0)
+    config = block.config
+    np.testing.assert_allclose(
+        aux_loss,
+        config["router_aux_loss_coef"]
+        * hf_load_balancing_loss("switch_transformers", block),
+        rtol=1e-5,
+    )
+    np.testing.assert_allclose(
+        z_loss,
+        config["router_z_loss_coef"]
+        * hf_router_z_loss("switch_transformers", block),
+        rtol=1e-5,
+    )
+
+
+@needs_transformers
+@pytest.mark.parametrize("case", ["deepseek_v3", "deepseek_v2"])
+def test_no_auxiliary_loss_where_hugging_face_has_none(blocks, case):
+    block = blocks(case)
+    layer = from_transformers(block.config, block.weights)
+    assert hf_load_balancing_loss(case, block) is None
+    assert training_losses(layer, block.inputs) == []
+
+
+# --- Switch Transformers' capacity -------------------------------------------
+
+
+@needs_transformers
+def test_switch_tokens_kept_within_capacity_match(blocks):
+    block = blocks("switch_transformers", expert_capacity=2)
+    assert 0 < block.kept.sum() < block.kept.size  # some tokens dropped
+    layer = from_transformers(block.config, block.weights)  # dropless
+    d = block.inputs.shape[-1]
+    outputs = run(layer, block.inputs).reshape(-1, d)
+    reference = block.outputs.reshape(-1, d)
+    assert max_abs_diff(outputs[block.kept], reference[block.kept]) < TOLERANCE
+    # Hugging Face gives a dropped token no MLP output; the layer computes
+    # it with its expert.
+    np.testing.assert_array_equal(reference[~block.kept], 0.0)
+    assert np.all(np.abs(outputs[~block.kept]).max(-1) > 0)
+
+
+@needs_transformers
+def test_switch_capacity_of_one_sequence_drops_the_same_tokens(blocks):
+    # For one sequence of `seq` tokens, capacity_factor = capacity * E / seq
+    # gives MoELayer the capacity Hugging Face has per sequence, and both
+    # keep the earliest tokens of each expert.
+    block = blocks("switch_transformers", batch=1, expert_capacity=2)
+    assert 0 < block.kept.sum() < block.kept.size
+    num_experts, seq = block.config["num_experts"], block.inputs.shape[1]
+    capacity_factor = block.config["expert_capacity"] * num_experts / seq
+    layer = from_transformers(
+        block.config, block.weights, capacity_factor=capacity_factor
+    )
+    assert max_abs_diff(run(layer, block.inputs), block.outputs) < TOLERANCE
+    kept = ops.convert_to_numpy(layer.route(block.inputs)["kept"])
+    np.testing.assert_array_equal(kept.reshape(-1), block.kept)
+
+
+# --- The converted layer -----------------------------------------------------
+
+
+@needs_transformers
+@pytest.mark.parametrize("case", ["qwen2_moe", "deepseek_v3"])
+def test_converted_layer_round_trips_through_keras_file(blocks, case, tmp_path):
+    block = blocks(case)
+    layer = from_transformers(block.config, block.weights)
+    inputs = keras.Input(block.inputs.shape[1:])
+    model = keras.Model(inputs, layer(inputs))
+    path = tmp_path / "converted.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(loaded(block.inputs)),
+        ops.convert_to_numpy(model(block.inputs)),
+        atol=1e-6,
+    )
+
+
+@needs_transformers
+def test_layer_arguments_override_converted_ones(blocks):
+    block = blocks("mixtral")
+    layer = from_transformers(
+        block.config, block.weights, name="block_3", aux_loss_weight=0.0
+    )
+    assert layer.name == "block_3"
+    assert layer.aux_loss_weight == 0.0
+
+
+@needs_transformers
+def test_hub_config_names_are_read(blocks):
+    # Qwen3-MoE's config.json says `num_experts`, its to_dict() says
+    # `num_local_experts`; config.json may leave class defaults out.
+    block = blocks("qwen3_moe")
+    config = dict(block.config)
+    config["num_experts"] = config.pop("num_local_experts")
+    del config["router_aux_loss_coef"]
+    layer = from_transformers(config, block.weights)
+    assert layer.num_experts == 8
+    assert max_abs_diff(run(layer, block.inputs), block.outputs) < TOLERANCE
+
+
+@needs_transformers
+def test_docs_example_reads_a_checkpoint_shard(blocks, tmp_path, monkeypatch):
+    # The example of docs/convert.md, on a checkpoint directory laid out
+    # like Mixtral's on the Hub: per-expert weights, other layers beside.
+    from safetensors.numpy import save_file
+
+    block = blocks("mixtral")
+    checkpoint = tmp_path / "Mixtral-8x7B-v0.1"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps(block.config))
+    tensors = {
+        f"model.layers.{layer}.block_sparse_moe.{name}": value
+        for layer in (0, 10)
+        for name, value in per_expert_weights("mixtral", block.weights).items()
+    }
+    tensors["model.layers.0.self_attn.q_proj.weight"] = np.ones((16, 16))
+    save_file(
+        {k: np.asarray(v, "float32") for k, v in tensors.items()},
+        checkpoint / "model-00001-of-00019.safetensors",
+    )
+    docs = Path(__file__).resolve().parents[1] / "docs" / "convert.md"
+    (example,) = re.findall(r"```python\n(.*?)```", docs.read_text(), re.S)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(example, str(docs), "exec"), namespace)
+    assert ops.convert_to_numpy(namespace["outputs"]).shape == (1, 10, 16)
+    layer = namespace["layer"]
+    assert max_abs_diff(run(layer, block.inputs), block.outputs) < TOLERANCE
+
+
+@needs_transformers
+def test_mixed_precision_policy_runs_the_experts_in_bfloat16(blocks):
+    block = blocks("mixtral")
+    layer = from_transformers(
+        block.config, block.weights, dtype="mixed_bfloat16"
+    )
+    assert layer.expert_in_kernel.dtype == "float32"
+    assert layer.gating_network.router_kernel.dtype == "float32"
+    outputs = layer(block.inputs)
+    assert keras.backend.standardize_dtype(outputs.dtype) == "bfloat16"
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(ops.cast(outputs, "float32")),
+        block.outputs,
+        atol=0.1,
+    )
+
+
+def test_no_torch_or_transformers_import():
+    code = (
+        "import sys, numpy as np\n"
+        "from moe.convert import from_transformers\n"
+        "config = {'model_type': 'olmoe', 'hidden_size': 4,\n"
+        "          'intermediate_size': 3, 'num_experts': 2,\n"
+        "          'num_experts_per_tok': 1}\n"
+        "weights = {'gate.weight': np.ones((2, 4)),\n"
+        "           'experts.gate_up_proj': np.ones((2, 6, 4)),\n"
+        "           'experts.down_proj': np.ones((2, 4, 3))}\n"
+        "from_transformers(config, weights)\n"
+        "print(sorted({'torch', 'transformers'} & set(sys.modules)))\n"
+    )
+    env = dict(os.environ, KERAS_BACKEND="tensorflow")
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+# --- Errors ------------------------------------------------------------------
+
+MIXTRAL_CONFIG = {
+    "model_type": "mixtral",
+    "hidden_size": 4,
+    "intermediate_size": 3,
+    "num_local_experts": 2,
+    "num_experts_per_tok": 1,
+}
+
+
+def mixtral_weights():
+    return {
+        "gate.weight": np.ones((2, 4), "float32"),
+        "experts.gate_up_proj": np.ones((2, 6, 4), "float32"),
+        "experts.down_proj": np.ones((2, 4, 3), "float32"),
+    }
+
+
+def test_docstring_example_runs():
+    result = doctest.testmod(moe.convert, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0
+    assert result.failed == 0
+
+
+def test_mixtral_config_and_weights_convert():
+    layer = from_transformers(MIXTRAL_CONFIG, mixtral_weights())
+    assert isinstance(layer, moe.MoELayer)
+    assert layer.built
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (
+            {"model_type": "llama"},
+            r"converts the MoE blocks of .*'mixtral'.*"
+            r"Received: config\['model_type'\]='llama'",
+        ),
+        ({}, r"Received: config\['model_type'\]=None"),
+        (
+            {**MIXTRAL_CONFIG, "hidden_act": "gelu_new"},
+            "`hidden_act` must be one of .* Received: hidden_act='gelu_new'",
+        ),
+        (
+            {k: v for k, v in MIXTRAL_CONFIG.items() if k != "hidden_size"},
+            "A mixtral config needs `hidden_size`",
+        ),
+        (
+            {
+                "model_type": "switch_transformers",
+                "d_model": 4,
+                "d_ff": 3,
+                "num_experts": 2,
+                "router_bias": True,
+            },
+            "router has no bias.* Received: router_bias=True",
+        ),
+        (
+            {
+                **MIXTRAL_CONFIG,
+                "model_type": "deepseek_v2",
+                "moe_intermediate_size": 3,
+                "topk_method": "noaux_tc",
+            },
+            "Received: topk_method='noaux_tc'",
+        ),
+    ],
+)
+def test_unsupported_config_is_a_clear_error(config, message):
+    with pytest.raises(ValueError, match=message):
+        from_transformers(config, mixtral_weights())
+
+
+def test_unknown_weight_is_a_clear_error():
+    weights = {**mixtral_weights(), "experts.bias": np.ones(2)}
+    with pytest.raises(ValueError, match="no weight named 'experts.bias'"):
+        from_transformers(MIXTRAL_CONFIG, weights)
+
+
+def test_weights_with_the_layer_prefix_are_a_clear_error():
+    weights = {
+        f"model.layers.0.mlp.{k}": v for k, v in mixtral_weights().items()
+    }
+    with pytest.raises(ValueError, match="names relative to the block"):
+        from_transformers(MIXTRAL_CONFIG, weights)
+
+
+def test_missing_weight_is_a_clear_error():
+    weights = mixtral_weights()
+    del weights["experts.down_proj"]
+    with pytest.raises(
+        ValueError, match="needs the weight 'experts.down_proj'"
+    ):
+        from_transformers(MIXTRAL_CONFIG, weights)
+
+
+def test_missing_per_expert_weight_is_a_clear_error():
+    weights = {
+        "gate.weight": np.ones((2, 4)),
+        **{f"experts.{e}.w1.weight": np.ones((3, 4)) for e in range(2)},
+        **{f"experts.{e}.w3.weight": np.ones((3, 4)) for e in range(2)},
+        "experts.0.w2.weight": np.ones((4, 3)),
+    }
+    with pytest.raises(ValueError, match="needs the weight 'experts.1.w2"):
+        from_transformers(MIXTRAL_CONFIG, weights)
+
+
+def test_shape_that_does_not_fit_is_a_clear_error():
+    weights = {**mixtral_weights(), "gate.weight": np.ones((3, 4))}
+    with pytest.raises(
+        ValueError,
+        match=r"'gate.weight' .* has shape \(2, 4\)\. "
+        r"Received: gate.weight of shape \(3, 4\)",
+    ):
+        from_transformers(MIXTRAL_CONFIG, weights)
+
+
+# --- Other backends ----------------------------------------------------------
+
+OTHER_BACKENDS = [b for b in ("jax", "torch") if b != BACKEND]
+
+
+@needs_transformers
+@pytest.mark.skipif(
+    BACKEND != "tensorflow", reason="started from the TensorFlow run"
+)
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+def test_parity_on_other_backends(backend):
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed")
+    result = run_pytest_on_backend(
+        backend,
+        "-k",
+        "parity and (mixtral or deepseek_v3 or selection_bias) "
+        "and not other_backends",
+        str(Path(__file__)),
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
