@@ -52,4 +52,4 @@ def custom_objects():
     return objects
 
 
-call_after_import("keras", custom_objects)
+call_after_import("keras", custom_objects, package=__name__)

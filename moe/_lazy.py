@@ -42,39 +42,74 @@ def exports(package: str, public: dict[str, str]):
     return __getattr__, __dir__
 
 
-def call_after_import(module_name: str, callback) -> None:
+def call_after_import(module_name: str, callback, package: str) -> None:
     """Runs `callback()` once `module_name` is imported (now, if it is).
 
     `moe` uses it to register its layers with Keras whichever of the two is
     imported first, so that `keras.saving.load_model` finds them without
     `custom_objects` and `import moe` alone still does not load Keras.
+
+    When `module_name` is first imported by a module of `package` (`moe`'s
+    layers import Keras), `callback` waits until no module of `package` is
+    still executing: it imports those modules, which cannot be done while
+    they are half initialized.
     """
     if sys.modules.get(module_name) is not None:
         callback()
         return
-    sys.meta_path.insert(0, _AfterImport(module_name, callback))
+    sys.meta_path.insert(0, _AfterImport(module_name, callback, package))
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
-    """Finds `module_name` with the other finders, then runs `callback`
-    when its module has finished executing."""
+    """Finds `module_name` and `package`'s modules with the other finders
+    and wraps their loaders: `callback` runs when `module_name` has finished
+    executing and no module of `package` is executing."""
 
-    def __init__(self, module_name, callback):
+    def __init__(self, module_name, callback, package):
         self.module_name = module_name
         self.callback = callback
+        self.prefix = package + "."
+        self.executing = 0  # modules of `package` executing now
+        self.imported = False  # `module_name` has been imported
 
     def find_spec(self, name, path=None, target=None):
-        if name != self.module_name:
+        if name != self.module_name and not name.startswith(self.prefix):
             return None
-        sys.meta_path.remove(self)  # once; the other finders find it
-        spec = importlib.util.find_spec(name)
+        spec = self._find_with_others(name, path, target)
         if spec is None or spec.loader is None:
             return spec
-        exec_module, callback = spec.loader.exec_module, self.callback
+        exec_module = spec.loader.exec_module
+        if name == self.module_name:
 
-        def exec_then_call(module):
-            exec_module(module)
-            callback()
+            def exec_then_call(module):
+                exec_module(module)
+                self.imported = True
+                self._call_when_ready()
+
+        else:
+
+            def exec_then_call(module):
+                self.executing += 1
+                try:
+                    exec_module(module)
+                finally:
+                    self.executing -= 1
+                self._call_when_ready()
 
         spec.loader.exec_module = exec_then_call
         return spec
+
+    def _find_with_others(self, name, path, target):
+        for finder in sys.meta_path:
+            find_spec = getattr(finder, "find_spec", None)
+            if finder is self or find_spec is None:
+                continue
+            spec = find_spec(name, path, target)
+            if spec is not None:
+                return spec
+        return None
+
+    def _call_when_ready(self):
+        if self.imported and not self.executing and self in sys.meta_path:
+            sys.meta_path.remove(self)  # once
+            self.callback()

@@ -48,6 +48,9 @@ def test_a_submodule_can_be_a_public_name():
         "import keras, moe",
         "import moe, keras",
         "import moe.lm.tokenizer, keras",
+        # Keras first imported by a layer module, half initialized then.
+        "from moe import MoELayer; import keras",
+        "from moe.convert import from_transformers; import keras",
     ],
 )
 def test_the_layers_are_registered_for_loading(imports):
