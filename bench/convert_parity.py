@@ -7,15 +7,16 @@ pieces take: importing torch and transformers, building and running all the
 Hugging Face blocks, converting them and calling the layers (first calls:
 tracing included).
 
-Usage:
-    python bench/convert_parity.py
-    KERAS_BACKEND=jax python bench/convert_parity.py --json parity.json
+Run it as a module from the repository root, so that `tests.hf_blocks`
+imports without a path edit:
+
+    python -m bench.convert_parity
+    KERAS_BACKEND=jax python -m bench.convert_parity --json parity.json
 """
 
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -25,9 +26,6 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # the tiny blocks, defined once
 from moe.convert import from_transformers  # noqa: E402
 
 
@@ -36,9 +34,10 @@ def main(argv=None):
     parser.add_argument("--json", type=Path, help="also write results here")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    import hf_blocks
     import torch  # noqa: F401  (timed: the tests pay it once)
     import transformers
+
+    from tests import hf_blocks  # the tiny blocks, defined once
 
     import_s = time.perf_counter() - start
     print(

@@ -1,0 +1,48 @@
+"""Qwen-MoE, OLMoE and Jamba: softmax top-k, optionally renormalised, and
+an optional shared expert with a sigmoid gate."""
+
+from moe.convert.config import read, top_k_arguments
+from moe.convert.family import Family
+
+
+def softmax_top_k(hidden_dim_key, aux_default):
+    """Qwen-MoE, OLMoE, Jamba: softmax, top-k renormalised if
+    `norm_topk_prob`, a shared expert with a sigmoid gate if
+    `shared_expert_intermediate_size`."""
+
+    def arguments(config):
+        model_type = config["model_type"]
+        normalize = read(config, model_type, "norm_topk_prob", default=False)
+        aux = read(
+            config, model_type, "router_aux_loss_coef", default=aux_default
+        )
+        result = top_k_arguments(config, hidden_dim_key, normalize, aux)
+        shared = config.get("shared_expert_intermediate_size")
+        if shared:
+            result.update(
+                num_shared_experts=1,
+                shared_expert_hidden_dim=shared,
+                shared_expert_gate=True,
+            )
+        return result
+
+    return arguments
+
+
+_QWEN_MOE = Family(
+    softmax_top_k("moe_intermediate_size", 0.001),
+    shared_experts="shared_expert",
+    shared_expert_gate="shared_expert_gate",
+)
+_OLMOE = Family(softmax_top_k("intermediate_size", 0.01))
+
+FAMILIES = {
+    "qwen2_moe": _QWEN_MOE,
+    "qwen3_next": _QWEN_MOE,
+    "qwen3_moe": Family(softmax_top_k("moe_intermediate_size", 0.001)),
+    "olmoe": _OLMOE,
+    "flex_olmo": _OLMOE,
+    "jamba": Family(
+        softmax_top_k("intermediate_size", 0.001), router="router.weight"
+    ),
+}

@@ -1,0 +1,47 @@
+"""Switch Transformers: top-1, the router's probability as the weight,
+ReLU feed-forward experts."""
+
+from moe.convert.config import activation, read
+from moe.convert.family import ExpertNames, Family
+
+
+def arguments(config):
+    # Top-1 with the router's probability as the weight; ReLU FFN experts.
+    # Hugging Face drops the tokens beyond `expert_capacity` per sequence;
+    # the converted layer keeps them all (see docs/convert.md).
+    if config.get("router_bias"):
+        raise ValueError(
+            "`MoELayer`'s router has no bias: a switch_transformers block "
+            "needs `router_bias=False`. Received: router_bias=True"
+        )
+    model_type = "switch_transformers"
+    return {
+        "num_experts": read(config, model_type, "num_experts"),
+        "hidden_dim": read(config, model_type, "d_ff"),
+        "routing": "switch",
+        "capacity_factor": None,
+        "activation": activation(config, model_type, "dense_act_fn"),
+        "gated": False,
+        "use_bias": False,
+        "aux_loss_weight": read(
+            config, model_type, "router_aux_loss_coef", default=0.001
+        ),
+        "z_loss_weight": read(
+            config, model_type, "router_z_loss_coef", default=0.001
+        ),
+        "router_jitter": read(
+            config, model_type, "router_jitter_noise", default=0.01
+        ),
+    }
+
+
+FAMILIES = {
+    "switch_transformers": Family(
+        arguments,
+        router="router.classifier.weight",
+        experts=ExpertNames(
+            (None, "experts.expert_{e}.wi", "experts.expert_{e}.wo"),
+            fused=False,
+        ),
+    ),
+}

@@ -1,0 +1,146 @@
+"""Reading a block's weights into the variables of an `MoELayer`."""
+
+import numpy as np
+
+
+def layer_values(family, reader):
+    """The layer's variable values, by variable name, from the block's."""
+    values = {"router_kernel": reader.read(family.router, "Ed").T}
+    if family.selection_bias:
+        values["selection_bias"] = reader.read(family.selection_bias, "E")
+    values.update(_expert_values(family.experts, reader))
+    if family.shared_experts:
+        prefix = family.shared_experts
+        # One shared MLP: a stack of one expert.
+        for part, variable in (
+            ("gate_proj", "shared_expert_gate_kernel"),
+            ("up_proj", "shared_expert_in_kernel"),
+        ):
+            kernel = reader.read(f"{prefix}.{part}.weight", "sd").T
+            values[variable] = kernel[None]
+        down = reader.read(f"{prefix}.down_proj.weight", "ds").T
+        values["shared_expert_out_kernel"] = down[None]
+    if family.shared_expert_gate:
+        gate = reader.read(f"{family.shared_expert_gate}.weight", "1d")
+        values["shared_gate_kernel"] = gate.T  # (d, 1)
+    return values
+
+
+def _expert_values(experts, reader):
+    # Stacked `(E, in, out)` kernels from either layout.
+    if experts.fused and reader.has("experts.gate_up_proj"):
+        gate_up = reader.read("experts.gate_up_proj", "E2d")  # (E, 2h, d)
+        gate, up = np.split(gate_up, 2, axis=1)
+        down = reader.read("experts.down_proj", "Edh")
+    else:
+        gate_name, up_name, down_name = experts.per_expert
+        up = reader.stack(up_name, "hd")
+        down = reader.stack(down_name, "dh")
+        gate = None if gate_name is None else reader.stack(gate_name, "hd")
+    values = {
+        "expert_in_kernel": np.swapaxes(up, 1, 2),
+        "expert_out_kernel": np.swapaxes(down, 1, 2),
+    }
+    if gate is not None:
+        values["expert_gate_kernel"] = np.swapaxes(gate, 1, 2)
+    return values
+
+
+def assign(layer, values):
+    variables = {}
+    for variable in layer.weights:
+        if variable.name in variables:
+            raise RuntimeError(  # a layer change conversion must follow
+                f"`MoELayer` has two variables named {variable.name!r}"
+            )
+        variables[variable.name] = variable
+    unfilled = sorted(set(variables) - set(values))
+    unknown = sorted(set(values) - set(variables))
+    if unfilled or unknown:
+        raise ValueError(
+            "The converted layer does not fit the block: the layer arguments "
+            f"leave {unfilled} without a weight and have no variable for "
+            f"{unknown}. Received: layer variables {sorted(variables)}"
+        )
+    for name, value in values.items():
+        variable = variables[name]
+        if tuple(variable.shape) != value.shape:
+            raise ValueError(
+                f"The layer variable {name!r} has shape "
+                f"{tuple(variable.shape)}, the block's weights give "
+                f"{value.shape}: check the layer arguments you passed. "
+                f"Received: {name} of shape {value.shape}"
+            )
+        variable.assign(value)
+
+
+class WeightReader:
+    """Reads the block's weights by name, checking each shape, and finally
+    that every weight was read: a weight nobody reads would be silently
+    missing from the layer.
+
+    Shapes are strings of dimension letters: `E` experts, `d` model width,
+    `h` expert width, `s` shared-experts width, `2` twice the expert width
+    (fused gate and up), `1` one.
+    """
+
+    def __init__(self, weights, model_type, dims):
+        self.weights = weights
+        self.model_type = model_type
+        self.dims = {**dims, "2": 2 * dims["h"], "1": 1}
+        self.read_names = set()
+
+    def has(self, name):
+        return name in self.weights
+
+    def read(self, name, shape):
+        if name not in self.weights:
+            raise ValueError(
+                f"The {self.model_type} block needs the weight {name!r}. "
+                "Pass the block's state dict with names relative to the block "
+                f"(e.g. 'gate.weight'). Received: {_names(self.weights)}"
+            )
+        # float32 whatever the checkpoint's dtype: the router computes in
+        # float32, and assigning casts the rest to the layer's dtype.
+        value = np.asarray(self.weights[name], dtype="float32")
+        expected = tuple(self.dims[letter] for letter in shape)
+        if value.shape != expected:
+            raise ValueError(
+                f"The weight {name!r} of a {self.model_type} block with this "
+                f"config ({self._dims_text()}) has shape {expected}. "
+                f"Received: {name} of shape {value.shape}"
+            )
+        self.read_names.add(name)
+        return value
+
+    def stack(self, pattern, shape):
+        # Per-expert `<pattern>.weight` for e = 0 .. E - 1 -> (E, ...).
+        return np.stack(
+            [
+                self.read(f"{pattern.format(e=e)}.weight", shape)
+                for e in range(self.dims["E"])
+            ]
+        )
+
+    def check_allread(self):
+        unknown = sorted(set(self.weights) - self.read_names)
+        if unknown:
+            raise ValueError(
+                f"A {self.model_type} block with this config "
+                f"({self._dims_text()}) has no weight named "
+                f"{', '.join(map(repr, unknown))}: pass the weights of one MoE "
+                "block, with names relative to the block. Received: "
+                f"{_names(self.weights)}"
+            )
+
+    def _dims_text(self):
+        names = {"E": "experts", "d": "width", "h": "expert width"}
+        return ", ".join(f"{names[k]} {self.dims[k]}" for k in names)
+
+
+def _names(weights):
+    names = sorted(weights)
+    shown = ", ".join(map(repr, names[:8]))
+    return f"weights {shown}" + (
+        f" and {len(names) - 8} more" if names[8:] else ""
+    )
