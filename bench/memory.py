@@ -8,7 +8,7 @@ the same number of epochs. The data pipeline streams contexts out of the
 token stream, so memory should grow with the corpus only through the
 token stream and the vocabulary.
 
-Target (issue #5): peak RSS on 10x the corpus <= 1.3x that on the corpus.
+Target: peak RSS on 10x the corpus <= 1.3x that on the corpus.
 
 Usage:
     python bench/memory.py                    # alice.txt, ~2 min

@@ -12,7 +12,7 @@ The bundle comes from `--model-dir`, or is trained first into a temporary
 directory with `moe.lm.training.train` (what `python model.py` runs) on the
 built-in corpus (model.py's defaults; `--quick`: 1 epoch, tiny sizes).
 
-Targets (issue #5): warm p50 <= 2 ms; cold serve.py <= 1.5 s more than bare
+Targets: warm p50 <= 2 ms; cold serve.py <= 1.5 s more than bare
 `import tensorflow`.
 
 Usage:

@@ -16,11 +16,11 @@ epoch's training steps. Reported per configuration:
   `bound = flops_per_s / (6 x embed_dim x vocab)` pairs/s and the run
   reaches `pairs_per_s / bound` of it.
 
-Configurations: `seed` (the sizes of the original seed: embedding 32,
-4 experts, expert hidden 64) and `default` (model.py's defaults: embedding
-64, 4 experts, hidden 128); both use model.py's default `--max-seq-len 1`
-and `--batch-size 64` unless given. Target (issue #5): >= 15k pairs/s with
-the seed's sizes on 2 cores.
+Configurations: `seed` (a small model: embedding 32, 4 experts, expert
+hidden 64) and `default` (model.py's defaults: embedding 64, 4 experts,
+hidden 128); both use model.py's default `--max-seq-len 1` and
+`--batch-size 64` unless given. Target: >= 15k pairs/s with the `seed`
+sizes on 2 cores.
 
 Usage:
     python bench/training_throughput.py            # alice.txt, ~2 min

@@ -39,6 +39,20 @@ def test_readme_is_a_front_page():
     )
 
 
+def test_readme_results_are_in_bench_readme():
+    # The front page's figures are measured, so each is in bench/README.md
+    # with the command that produced it.
+    text = README.read_text(encoding="utf-8")
+    results = text.split("\n## Results\n", 1)[1].split("\n## ", 1)[0]
+    bench = (ROOT / "bench" / "README.md").read_text(encoding="utf-8")
+    missing = [
+        figure
+        for figure in re.findall(r"\d+(?: \d{3}(?![\d.]))*(?:\.\d+)?", results)
+        if figure not in bench
+    ]
+    assert not missing, f"README.md's Results not in bench/README.md: {missing}"
+
+
 # --- Links -------------------------------------------------------------------
 
 
