@@ -154,3 +154,24 @@ def test_documented_flags_exist(capsys):
             f"{page.relative_to(ROOT)} names flags that neither model.py nor "
             f"serve.py has: {sorted(unknown)}"
         )
+
+
+def test_flag_tables_show_the_defaults():
+    # A row `| `--epochs` | 40 | ... |` shows the parser's default; rows
+    # whose default is prose ("the built-in corpus") are not compared.
+    from moe.lm import cli
+
+    defaults = {
+        option: action.default
+        for action in cli.training_parser()._actions
+        for option in action.option_strings
+    }
+    wrong = []
+    for page in (README, DOCS / "app.md"):
+        rows = re.findall(
+            r"^\| `(--[a-z-]+)[^`]*` \| `?([\w.]+)`? \|", prose(page), re.M
+        )
+        for flag, shown in rows:
+            if flag in defaults and shown != str(defaults[flag]):
+                wrong.append(f"{page.name}: {flag} {shown} ({defaults[flag]})")
+    assert not wrong, "; ".join(wrong)
