@@ -13,6 +13,7 @@ Usage:
 """
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -35,6 +36,7 @@ def main(argv=None):
     parser.add_argument("--vocab-size", type=int, default=5000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--json", type=Path, help="also write results here")
     args = parser.parse_args(argv)
 
     import keras
@@ -73,12 +75,21 @@ def main(argv=None):
     print(f"vocabulary: Tokenizer.fit {ms(fit_s)}, adapt {ms(adapt_s)}")
     print(f"one query: encode {us(encode_s)}, eager call {us(call_s)}")
     words = vectorizer.get_vocabulary()
-    print(
-        "don't:",
-        tokenizer.decode(tokenizer.encode("don't")),
-        "against",
-        [str(words[i]) for i in vectorizer(["don't"]).numpy()[0] if i],
-    )
+    ours = tokenizer.decode(tokenizer.encode("don't"))
+    theirs = [str(words[i]) for i in vectorizer(["don't"]).numpy()[0] if i]
+    print("don't:", ours, "against", theirs)
+    if args.json:
+        results = {
+            "corpus": str(args.corpus),
+            "repeats": args.repeats,
+            "calls": args.calls,
+            "fit_s": statistics.median(fit_s),
+            "adapt_s": statistics.median(adapt_s),
+            "encode_s": statistics.median(encode_s),
+            "text_vectorization_call_s": statistics.median(call_s),
+            "dont": {"tokenizer": ours, "text_vectorization": theirs},
+        }
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
