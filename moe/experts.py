@@ -2,7 +2,7 @@ import keras
 from keras import ops
 
 from moe import dispatch as dispatch_lib
-from moe import validation
+from moe import quantization, validation
 from moe.layer_experts import LayerExperts
 
 # The weights of one expert, in the order `expert_fn` takes them (the
@@ -86,7 +86,12 @@ class Experts(keras.layers.Layer):
                 "`weight_prefix` must be a non-empty string. Received: "
                 f"weight_prefix={weight_prefix!r}"
             )
+        # Saved with a quantized layer (`moe.quantization`), as Dense does.
+        quantization_config = kwargs.pop("quantization_config", None)
         super().__init__(**kwargs)
+        self.quantization_config = keras.saving.deserialize_keras_object(
+            quantization_config
+        )
         self.num_experts = num_experts
         self.hidden_dim = hidden_dim
         self.output_dim = output_dim
@@ -120,8 +125,16 @@ class Experts(keras.layers.Layer):
         }
         # Kernels first, then biases: the order of the variables (and of a
         # saved file's entries) is that of the earlier `MoELayer`.
+        int8 = self.quantization_mode == "int8"  # reloading a quantized one
+        if int8:
+            self.inputs_quantizer = quantization.inputs_quantizer(
+                self.quantization_config
+            )
         for part in self._parts(kernels_first=True):
             shape, initializer = shapes[part]
+            if int8 and part.endswith("kernel"):
+                self._add_int8_kernel(part, shape)
+                continue
             name = f"{self.weight_prefix}_{part}"
             variable = self.add_weight(
                 name=name,
@@ -129,6 +142,24 @@ class Experts(keras.layers.Layer):
                 initializer=initializer,
             )
             setattr(self, name, variable)
+        if int8:
+            self._is_quantized = True
+
+    def _add_int8_kernel(self, part, shape):
+        # An int8 `(E, d_in, d_out)` kernel and its `(E, d_out)` scales.
+        name = f"{self.weight_prefix}_{part}"
+        for suffix, dtype, var_shape, initializer in (
+            ("", "int8", shape, "zeros"),
+            ("_scale", None, shape[-1:], "ones"),
+        ):
+            variable = self.add_weight(
+                name=name + suffix,
+                shape=(self.num_experts,) + var_shape,
+                initializer=initializer,
+                dtype=dtype,
+                trainable=False,
+            )
+            setattr(self, name + suffix, variable)
 
     def _parts(self, kernels_first=False):
         parts = [
@@ -141,13 +172,20 @@ class Experts(keras.layers.Layer):
             parts.sort(key=lambda p: p.endswith("bias"))
         return parts
 
+    def _names(self, kernels_first=False):
+        # The variable names, each int8 kernel followed by its scales.
+        names = []
+        for part in self._parts(kernels_first):
+            names.append(f"{self.weight_prefix}_{part}")
+            if self.quantization_mode and part.endswith("kernel"):
+                names.append(f"{self.weight_prefix}_{part}_scale")
+        return names
+
     @property
     def stacked_weights(self):
         """The stacked variables, experts axis first, in `expert_fn`'s
-        order."""
-        return [
-            getattr(self, f"{self.weight_prefix}_{p}") for p in self._parts()
-        ]
+        order (when quantized, each kernel followed by its scales)."""
+        return [getattr(self, name) for name in self._names()]
 
     def expert_fn(self, x, *params, affine=None):
         """Experts on `x` `(..., n, d)` with params stacked on the same
@@ -157,20 +195,29 @@ class Experts(keras.layers.Layer):
         may be `None`); a dispatch layout may pass its own, e.g. a grouped
         matmul applying expert `e`'s kernel to expert `e`'s rows.
         """
-        affine = affine or _affine
         params = list(params)
-        w_in = params.pop(0)
-        b_in = params.pop(0) if self.use_bias else None
-        hidden = affine(x, w_in, b_in)
+
+        def linear(x):
+            # The next kernel (and scales, when quantized) and bias.
+            kernel = params.pop(0)
+            scale = params.pop(0) if self.quantization_mode else None
+            bias = params.pop(0) if self.use_bias else None
+            if scale is None:
+                return (affine or _affine)(x, kernel, bias)
+            if affine is None:
+                return quantization.int8_affine(
+                    x, kernel, scale, bias, self.inputs_quantizer, x.dtype
+                )
+            # A layout's own matmul takes float kernels.
+            kernel = quantization.dequantize(kernel, scale, x.dtype)
+            return affine(x, kernel, bias)
+
+        hidden = linear(x)
         if self.gated:
-            w_gate = params.pop(0)
-            b_gate = params.pop(0) if self.use_bias else None
-            hidden = self.activation(affine(x, w_gate, b_gate)) * hidden
+            hidden = self.activation(linear(x)) * hidden
         else:
             hidden = self.activation(hidden)
-        w_out = params.pop(0)
-        b_out = params.pop(0) if self.use_bias else None
-        return affine(hidden, w_out, b_out)
+        return linear(hidden)
 
     def call(self, inputs):
         x = ops.reshape(inputs, (1, -1, ops.shape(inputs)[-1]))
@@ -231,10 +278,46 @@ class Experts(keras.layers.Layer):
             tokens, self.stacked_weights, self.expert_fn
         )
 
+    def _int8_call(self, inputs):
+        # `expert_fn` reads the quantization mode itself.
+        return self.call(inputs)
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Quantizes the stacked kernels in place (`moe.quantization`):
+        int8, per expert and output channel; the biases stay float."""
+        quantization.check_mode(self, mode)
+        self.quantization_config = config
+        values = {}
+        for part in self._parts():
+            name = f"{self.weight_prefix}_{part}"
+            if part.endswith("kernel"):
+                values[part] = quantization.quantize_kernel(getattr(self, name))
+                delattr(self, name)
+        self.inputs_quantizer = quantization.inputs_quantizer(config)
+        for part in self._parts(kernels_first=True):
+            if part.endswith("kernel"):
+                self._add_int8_kernel(part, values[part][0].shape[1:])
+                name = f"{self.weight_prefix}_{part}"
+                getattr(self, name).assign(values[part][0])
+                getattr(self, f"{name}_scale").assign(values[part][1])
+        self._is_quantized = True
+        if self.dtype_policy.quantization_mode is None:
+            self.dtype_policy = keras.dtype_policies.get(
+                f"{mode}_from_{self.dtype_policy.name}"
+            )
+
+    def save_own_variables(self, store):
+        # By name: a quantized layer's variables were not all created in
+        # `build`, so their tracking order differs from a rebuilt one's.
+        for i, name in enumerate(self._names(kernels_first=True)):
+            store[str(i)] = getattr(self, name)
+
     def load_own_variables(self, store):
         if self._loaded_by_parent and not len(store.keys()):
             return
-        super().load_own_variables(store)
+        self._check_load_own_variables(store)
+        for i, name in enumerate(self._names(kernels_first=True)):
+            getattr(self, name).assign(store[str(i)])
 
     def compute_output_shape(self, input_shape):
         output_dim = self.output_dim or input_shape[-1]
@@ -259,6 +342,10 @@ class Experts(keras.layers.Layer):
                 "weight_prefix": self.weight_prefix,
             }
         )
+        if self.quantization_mode:
+            config["quantization_config"] = (
+                keras.saving.serialize_keras_object(self.quantization_config)
+            )
         return config
 
 
