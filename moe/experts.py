@@ -132,10 +132,10 @@ class Experts(keras.layers.Layer):
             )
         for part in self._parts(kernels_first=True):
             shape, initializer = shapes[part]
-            if int8 and part.endswith("kernel"):
-                self._add_int8_kernel(part, shape)
-                continue
             name = f"{self.weight_prefix}_{part}"
+            if int8 and part.endswith("kernel"):
+                quantization.add_int8_kernel(self, name, shape)
+                continue
             variable = self.add_weight(
                 name=name,
                 shape=(self.num_experts,) + shape,
@@ -144,22 +144,6 @@ class Experts(keras.layers.Layer):
             setattr(self, name, variable)
         if int8:
             self._is_quantized = True
-
-    def _add_int8_kernel(self, part, shape):
-        # An int8 `(E, d_in, d_out)` kernel and its `(E, d_out)` scales.
-        name = f"{self.weight_prefix}_{part}"
-        for suffix, dtype, var_shape, initializer in (
-            ("", "int8", shape, "zeros"),
-            ("_scale", None, shape[-1:], "ones"),
-        ):
-            variable = self.add_weight(
-                name=name + suffix,
-                shape=(self.num_experts,) + var_shape,
-                initializer=initializer,
-                dtype=dtype,
-                trainable=False,
-            )
-            setattr(self, name + suffix, variable)
 
     def _parts(self, kernels_first=False):
         parts = [
@@ -172,8 +156,9 @@ class Experts(keras.layers.Layer):
             parts.sort(key=lambda p: p.endswith("bias"))
         return parts
 
-    def _names(self, kernels_first=False):
-        # The variable names, each int8 kernel followed by its scales.
+    def variable_names(self, kernels_first=False):
+        """The variable names; when quantized, each kernel followed by its
+        scales."""
         names = []
         for part in self._parts(kernels_first):
             names.append(f"{self.weight_prefix}_{part}")
@@ -185,7 +170,7 @@ class Experts(keras.layers.Layer):
     def stacked_weights(self):
         """The stacked variables, experts axis first, in `expert_fn`'s
         order (when quantized, each kernel followed by its scales)."""
-        return [getattr(self, name) for name in self._names()]
+        return [getattr(self, name) for name in self.variable_names()]
 
     def expert_fn(self, x, *params, affine=None):
         """Experts on `x` `(..., n, d)` with params stacked on the same
@@ -283,40 +268,21 @@ class Experts(keras.layers.Layer):
         return self.call(inputs)
 
     def quantize(self, mode=None, type_check=True, config=None):
-        """Quantizes the stacked kernels in place (`moe.quantization`):
-        int8, per expert and output channel; the biases stay float."""
-        quantization.check_mode(self, mode)
-        self.quantization_config = config
-        values = {}
-        for part in self._parts():
-            name = f"{self.weight_prefix}_{part}"
-            if part.endswith("kernel"):
-                values[part] = quantization.quantize_kernel(getattr(self, name))
-                delattr(self, name)
-        self.inputs_quantizer = quantization.inputs_quantizer(config)
-        for part in self._parts(kernels_first=True):
-            if part.endswith("kernel"):
-                self._add_int8_kernel(part, values[part][0].shape[1:])
-                name = f"{self.weight_prefix}_{part}"
-                getattr(self, name).assign(values[part][0])
-                getattr(self, f"{name}_scale").assign(values[part][1])
-        self._is_quantized = True
-        if self.dtype_policy.quantization_mode is None:
-            self.dtype_policy = keras.dtype_policies.get(
-                f"{mode}_from_{self.dtype_policy.name}"
-            )
+        """Quantizes the stacked kernels in place to int8, per expert and
+        output channel; the biases stay float (`moe.quantization`)."""
+        quantization.quantize_experts(self, mode, config)
 
     def save_own_variables(self, store):
         # By name: a quantized layer's variables were not all created in
         # `build`, so their tracking order differs from a rebuilt one's.
-        for i, name in enumerate(self._names(kernels_first=True)):
+        for i, name in enumerate(self.variable_names(kernels_first=True)):
             store[str(i)] = getattr(self, name)
 
     def load_own_variables(self, store):
         if self._loaded_by_parent and not len(store.keys()):
             return
         self._check_load_own_variables(store)
-        for i, name in enumerate(self._names(kernels_first=True)):
+        for i, name in enumerate(self.variable_names(kernels_first=True)):
             getattr(self, name).assign(store[str(i)])
 
     def compute_output_shape(self, input_shape):
@@ -343,9 +309,8 @@ class Experts(keras.layers.Layer):
             }
         )
         if self.quantization_mode:
-            config["quantization_config"] = (
-                keras.saving.serialize_keras_object(self.quantization_config)
-            )
+            ser = keras.saving.serialize_keras_object
+            config["quantization_config"] = ser(self.quantization_config)
         return config
 
 

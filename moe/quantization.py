@@ -64,6 +64,49 @@ def inputs_quantizer(config):
     )
 
 
+def quantize_experts(experts, mode, config):
+    """`moe.Experts.quantize`: each stacked kernel, in place, becomes an int8
+    kernel and its scales (`add_int8_kernel`); the dtype policy becomes
+    `"int8_from_<policy>"`, as `keras.layers.Dense` does."""
+    check_mode(experts, mode)
+    experts.quantization_config = config
+    kernels = {}
+    for name in experts.variable_names():
+        if name.endswith("kernel"):
+            kernels[name] = quantize_kernel(getattr(experts, name))
+            delattr(experts, name)
+    experts.inputs_quantizer = inputs_quantizer(config)
+    # Created in the order of a quantized `build`: kernels first.
+    for name in experts.variable_names(kernels_first=True):
+        if name in kernels:
+            q, scale = kernels[name]
+            add_int8_kernel(experts, name, q.shape[1:])
+            getattr(experts, name).assign(q)
+            getattr(experts, f"{name}_scale").assign(scale)
+    experts._is_quantized = True
+    if experts.dtype_policy.quantization_mode is None:
+        experts.dtype_policy = keras.dtype_policies.get(
+            f"{mode}_from_{experts.dtype_policy.name}"
+        )
+
+
+def add_int8_kernel(layer, name, shape):
+    """Adds `layer.<name>`, an int8 `(E,) + shape` kernel, and
+    `layer.<name>_scale`, its float `(E, shape[-1])` scales."""
+    for suffix, dtype, var_shape, initializer in (
+        ("", "int8", shape, "zeros"),
+        ("_scale", None, shape[-1:], "ones"),
+    ):
+        variable = layer.add_weight(
+            name=name + suffix,
+            shape=(layer.num_experts,) + tuple(var_shape),
+            initializer=initializer,
+            dtype=dtype,
+            trainable=False,
+        )
+        setattr(layer, name + suffix, variable)
+
+
 def quantize_kernel(kernel):
     """`(q, scale)`: int8 `(..., d_in, d_out)` and float `(..., d_out)`,
     one scale per leading index (expert) and output channel."""
