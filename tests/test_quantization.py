@@ -13,7 +13,12 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import run_pytest_on_backend
+from conftest import (
+    LM_TINY_FLAGS,
+    LM_TINY_SENTENCES,
+    run_pytest_on_backend,
+    run_script,
+)
 
 import moe
 
@@ -116,9 +121,9 @@ def test_int8_experts_match_numpy(weight_only, gated, use_bias, activation):
 
 def moe_model(**moe_kwargs):
     inputs = keras.Input((8,))
-    x = moe.MoELayer(
-        num_experts=4, hidden_dim=16, name="moe", **moe_kwargs
-    )(inputs)
+    x = moe.MoELayer(num_experts=4, hidden_dim=16, name="moe", **moe_kwargs)(
+        inputs
+    )
     return keras.Model(inputs, keras.layers.Dense(6, name="head")(x))
 
 
@@ -276,3 +281,37 @@ def test_other_backends(backend):
         str(Path(__file__)),
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+
+
+def test_model_py_writes_an_int8_bundle_that_serves(tmp_path, lm_corpus_file):
+    from moe.lm import bundle
+    from moe.lm.predictor import NextWordPredictor
+
+    out = tmp_path / "int8_model"
+    result = run_script(
+        "model.py", "--corpus", lm_corpus_file, "--output", out,
+        *LM_TINY_FLAGS, "--quantize", "int8",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "int8: top-1" in result.stdout
+    loaded = bundle.load_bundle(out)
+    assert loaded.training["quantized"]["mode"] == "int8"
+    dtypes = {v.path: v.dtype for v in loaded.model.weights}
+    experts = [p for p in dtypes if p.endswith("expert_in_kernel")]
+    assert experts and all(dtypes[p] == "int8" for p in experts)
+    assert all(dtypes[p] == "float32" for p in dtypes if "/router/" in p)
+    predictor = NextWordPredictor(
+        loaded.model, loaded.tokenizer, loaded.max_seq_len
+    )
+    assert predictor.predict_next("the cat sat on the")
+    assert predictor.evaluate(LM_TINY_SENTENCES[0])["pairs"] > 0
+
+
+def test_model_py_refuses_an_unknown_quantize_mode(tmp_path, lm_corpus_file):
+    result = run_script(
+        "model.py", "--corpus", lm_corpus_file, "--output", tmp_path / "m",
+        "--quantize", "int4",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--quantize: invalid choice: 'int4'" in result.stderr
+    assert not (tmp_path / "m").exists()

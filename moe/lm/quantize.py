@@ -1,0 +1,37 @@
+"""Quantized bundles: `model.py --quantize int8` (`quantize_model`).
+
+`keras.Model.quantize("int8")` on the trained next-word model: the word
+(and position) embeddings, the output layer, the attention projections and
+the experts' stacked kernels (`moe.quantization`: per expert and output
+channel) become int8 with float scales; the routers, layer norms and biases
+stay float32. A quantized `.keras` file loads like any other, so `serve.py`
+serves it as it is.
+"""
+
+import warnings
+
+from moe.lm.training_config import QUANTIZE_MODES
+
+
+def quantize_model(model, mode: str) -> None:
+    """Quantizes the built `model` in place to `mode` (`QUANTIZE_MODES`;
+    `"none"` leaves it float)."""
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(
+            f"`mode` must be one of {', '.join(QUANTIZE_MODES)}. "
+            f"Received: mode={mode!r}"
+        )
+    if mode == "none":
+        return
+    with warnings.catch_warnings():
+        # Keras warns once per leaf layer it has no `mode` for (inputs,
+        # dropout, pooling, layer norms): those stay float by design.
+        warnings.filterwarnings("ignore", "Layer .* does not have a `quantize`")
+        model.quantize(mode)
+
+
+def is_quantized(model) -> bool:
+    """Whether any layer of `model` holds quantized weights."""
+    return any(
+        layer.quantization_mode is not None for layer in model._flatten_layers()
+    )
