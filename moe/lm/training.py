@@ -297,6 +297,10 @@ def _quantized(config, model, val_ds, strategy) -> dict:
     with distribute.scope(strategy):
         quantize.quantize_model(model, config.quantize)
     metrics = model.evaluate(val_ds, return_dict=True, verbose=0)
+    # A quantized bundle serves; it does not resume training (its int8
+    # kernels are not trainable), so it leaves out Adam's moments, which
+    # would be twice the float weights.
+    model.optimizer = None
     names = ("loss", "accuracy", "top5_accuracy", "perplexity")
     return {
         "quantized": {
