@@ -62,6 +62,8 @@ def write_bundle(model_dir: Path, out: Path, mode: str) -> Path:
     loaded = bundle.load_bundle(model_dir)  # compile=False: no optimizer
     quantize.quantize_model(loaded.model, mode)
     training = {**loaded.training, "quantized": {"mode": mode}}
+    if mode == "none":
+        del training["quantized"]
     return bundle.save_bundle(
         out, loaded.model, loaded.tokenizer, loaded.max_seq_len, training
     )
@@ -81,86 +83,86 @@ def main(argv=None):
 
     from moe.lm import bundle
     from moe.lm.predictor import NextWordPredictor
+    from moe.lm.training_config import QUANTIZE_MODES
 
     tmp = Path(tempfile.mkdtemp(prefix="quantization-bench-"))
     model_dir = args.model_dir or train_bundle(tmp, quick=True)
     dirs = {
-        "float32": write_bundle(model_dir, tmp / "float32_model", "none"),
-        "int8": write_bundle(model_dir, tmp / "int8_model", "int8"),
+        mode: write_bundle(model_dir, tmp / f"{mode}_model", mode)
+        for mode in QUANTIZE_MODES
     }
-    loaded = {name: bundle.load_bundle(d) for name, d in dirs.items()}
+    loaded = {mode: bundle.load_bundle(d) for mode, d in dirs.items()}
     predictors = {
-        name: NextWordPredictor(b.model, b.tokenizer, b.max_seq_len)
-        for name, b in loaded.items()
+        mode: NextWordPredictor(b.model, b.tokenizer, b.max_seq_len)
+        for mode, b in loaded.items()
     }
     sizes = {
-        name: {
+        mode: {
             "model_keras_bytes": (d / bundle.MODEL_FILE).stat().st_size,
             "bundle_bytes": folder_bytes(d),
-            "weight_bytes_by_dtype": weight_bytes(loaded[name].model),
+            "weight_bytes_by_dtype": weight_bytes(loaded[mode].model),
         }
-        for name, d in dirs.items()
-    }
-    trained_bytes = (model_dir / bundle.MODEL_FILE).stat().st_size
-    result = {
-        "model_dir": str(model_dir),
-        "sizes": sizes,
-        # model.py's float bundle also holds Adam's two moments per weight.
-        "trained_model_keras_bytes": trained_bytes,
-        "int8_vs_trained_ratio": sizes["int8"]["model_keras_bytes"]
-        / trained_bytes,
-        "model_keras_ratio": sizes["int8"]["model_keras_bytes"]
-        / sizes["float32"]["model_keras_bytes"],
-        "bundle_ratio": sizes["int8"]["bundle_bytes"]
-        / sizes["float32"]["bundle_bytes"],
+        for mode, d in dirs.items()
     }
     text = (
         args.eval.read_text(encoding="utf-8")
         if args.eval
         else " ".join(QUERIES) + "."
     )
-    quality = {n: p.evaluate(text) for n, p in predictors.items()}
-    result["eval"] = str(args.eval) if args.eval else "queries"
-    result["quality"] = quality
-    result["top1_change_points"] = 100 * (
-        quality["int8"]["accuracy"] - quality["float32"]["accuracy"]
-    )
-    result["perplexity_change"] = (
-        quality["int8"]["perplexity"] / quality["float32"]["perplexity"] - 1
-    )
-    rounds = {n: {"p50_ms": [], "b64_ms": [], "b512_ms": []} for n in dirs}
+    quality = {mode: p.evaluate(text) for mode, p in predictors.items()}
+    rounds = {m: {"p50_ms": [], "b64_ms": [], "b512_ms": []} for m in dirs}
     for _ in range(args.repeats):
-        for name, predictor in predictors.items():
-            r = rounds[name]
+        for mode, predictor in predictors.items():
+            r = rounds[mode]
             r["p50_ms"].append(warm_latency(predictor, args.calls)["p50_ms"])
             for batch in (64, 512):
                 b = batched_throughput(predictor, batch, 5)
                 r[f"b{batch}_ms"].append(b["median_ms"])
-    result["latency"] = {
-        n: {k: statistics.median(v) for k, v in r.items()}
-        for n, r in rounds.items()
+    latency = {
+        m: {k: statistics.median(v) for k, v in r.items()}
+        for m, r in rounds.items()
     }
-    lat = result["latency"]
-    print(
-        f"model.keras int8/float32 {result['model_keras_ratio']:.3f}x, "
-        f"bundle {result['bundle_ratio']:.3f}x (float32 without optimizer "
-        f"state; vs model.py's float bundle with it: "
-        f"{result['int8_vs_trained_ratio']:.3f}x)"
-    )
-    for name, size in sizes.items():
-        print(f"{name} weight bytes: {size['weight_bytes_by_dtype']}")
-    for name in dirs:
-        q, L = quality[name], lat[name]
+    base, trained_bytes = sizes["none"], (model_dir / bundle.MODEL_FILE)
+    result = {
+        "model_dir": str(model_dir),
+        "eval": str(args.eval) if args.eval else "queries",
+        # model.py's float bundle also holds Adam's two moments per weight.
+        "trained_model_keras_bytes": trained_bytes.stat().st_size,
+        "sizes": sizes,
+        "quality": quality,
+        "latency": latency,
+        "vs_float32": {
+            mode: {
+                "model_keras_ratio": sizes[mode]["model_keras_bytes"]
+                / base["model_keras_bytes"],
+                "bundle_ratio": sizes[mode]["bundle_bytes"]
+                / base["bundle_bytes"],
+                "top1_change_points": 100
+                * (quality[mode]["accuracy"] - quality["none"]["accuracy"]),
+                "perplexity_change": quality[mode]["perplexity"]
+                / quality["none"]["perplexity"]
+                - 1,
+            }
+            for mode in QUANTIZE_MODES[1:]
+        },
+    }
+    print(f"model.py's float bundle: {trained_bytes.stat().st_size} B")
+    for mode in dirs:
+        q, lat, size = quality[mode], latency[mode], sizes[mode]
         print(
-            f"{name}: {q['pairs']} pairs | top-1 {q['accuracy']:.4f} top-5 "
-            f"{q['top5_accuracy']:.4f} perplexity {q['perplexity']:.2f} | "
-            f"p50 {L['p50_ms']:.2f} ms, batch 64 {L['b64_ms']:.1f} ms, "
-            f"batch 512 {L['b512_ms']:.1f} ms"
+            f"{mode}: model.keras {size['model_keras_bytes']} B "
+            f"{size['weight_bytes_by_dtype']} | {q['pairs']} pairs, top-1 "
+            f"{q['accuracy']:.4f} top-5 {q['top5_accuracy']:.4f} perplexity "
+            f"{q['perplexity']:.2f} | p50 {lat['p50_ms']:.2f} ms, batch 64 "
+            f"{lat['b64_ms']:.1f} ms, batch 512 {lat['b512_ms']:.1f} ms"
         )
-    print(
-        f"change: top-1 {result['top1_change_points']:+.2f} points, "
-        f"perplexity {100 * result['perplexity_change']:+.2f} %"
-    )
+    for mode, c in result["vs_float32"].items():
+        print(
+            f"{mode} vs float32: model.keras {c['model_keras_ratio']:.3f}x, "
+            f"bundle {c['bundle_ratio']:.3f}x, top-1 "
+            f"{c['top1_change_points']:+.2f} points, perplexity "
+            f"{100 * c['perplexity_change']:+.2f} %"
+        )
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     return 0

@@ -18,7 +18,7 @@ from moe.lm.architectures import ARCHITECTURES, MAX_SEQ_LEN, TRAIN_POSITIONS
 from moe.lm.tokenizer import check_vocab_size
 
 JIT_COMPILE = ("auto", "on", "off")
-QUANTIZE_MODES = ("none", "int8")
+QUANTIZE_MODES = ("none", "int8", "int8-weights")
 # `keras.utils.set_random_seed` takes NumPy's seed range.
 MAX_SEED = 2**32 - 1
 
@@ -164,10 +164,12 @@ class TrainingConfig:
     # --- The saved bundle's number format (moe.lm.quantize) ---
     quantize: str = setting(
         "none",
-        "store the trained model quantized: int8 keeps the embeddings, the "
-        "output layer, the attention and the experts' kernels (per expert "
-        "and output channel) in int8, the routers in float32; serve.py "
-        "serves it as it is",
+        "store the trained model quantized: the embeddings, the output "
+        "layer, the attention and the experts' kernels (per expert and "
+        "output channel) in int8, the routers in float32; serve.py serves it "
+        "as it is. int8: Keras's int8 (inputs quantized too, int8 matmuls); "
+        "int8-weights: int8 weights, float matmuls (faster on CPU, see "
+        "bench/README.md)",
         choices=QUANTIZE_MODES,
     )
 
