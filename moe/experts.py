@@ -275,6 +275,8 @@ class Experts(keras.layers.Layer):
     def save_own_variables(self, store):
         # By name: a quantized layer's variables were not all created in
         # `build`, so their tracking order differs from a rebuilt one's.
+        if not self.built:
+            return
         for i, name in enumerate(self.variable_names(kernels_first=True)):
             store[str(i)] = getattr(self, name)
 
@@ -282,6 +284,8 @@ class Experts(keras.layers.Layer):
         if self._loaded_by_parent and not len(store.keys()):
             return
         self._check_load_own_variables(store)
+        if not self.built:
+            return
         for i, name in enumerate(self.variable_names(kernels_first=True)):
             getattr(self, name).assign(store[str(i)])
 
