@@ -83,7 +83,7 @@ def main(argv=None):
 
     from moe.lm import bundle
     from moe.lm.predictor import NextWordPredictor
-    from moe.lm.training_config import QUANTIZE_MODES
+    from moe.lm.quantize import QUANTIZE_MODES
 
     tmp = Path(tempfile.mkdtemp(prefix="quantization-bench-"))
     model_dir = args.model_dir or train_bundle(tmp, quick=True)

@@ -16,6 +16,7 @@ import pytest
 from conftest import (
     LM_TINY_FLAGS,
     LM_TINY_SENTENCES,
+    load_script,
     run_pytest_on_backend,
     run_script,
 )
@@ -305,6 +306,26 @@ def test_model_py_writes_an_int8_bundle_that_serves(tmp_path, lm_corpus_file):
     )
     assert predictor.predict_next("the cat sat on the")
     assert predictor.evaluate(LM_TINY_SENTENCES[0])["pairs"] > 0
+    # serve.py serves it as it is, and refuses to quantize it again.
+    serve = load_script("serve.py")
+    assert serve.main(["--model-dir", str(out), "the cat"]) == 0
+    args = ["--model-dir", str(out), "--quantize", "int8", "the cat"]
+    assert serve.main(args) == 1
+
+
+def test_serve_py_quantizes_a_float_bundle_in_memory(lm_trained, capsys):
+    serve = load_script("serve.py")
+    model_dir = str(lm_trained[0])
+    before = (lm_trained[0] / "model.keras").read_bytes()
+    queries = ["the cat sat on the", "how are"]
+    assert serve.main(["--model-dir", model_dir, *queries]) == 0
+    float_words = capsys.readouterr().out
+    args = ["--model-dir", model_dir, "--quantize", "int8-weights"]
+    assert serve.main([*args, *queries]) == 0
+    assert capsys.readouterr().out == float_words  # tiny model, same words
+    assert (lm_trained[0] / "model.keras").read_bytes() == before
+    assert serve.main([*args, "--export", "x"]) == 1
+    assert "--quantize goes with serving" in capsys.readouterr().err
 
 
 def test_model_py_refuses_an_unknown_quantize_mode(tmp_path, lm_corpus_file):

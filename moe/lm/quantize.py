@@ -10,7 +10,8 @@ serves it as it is.
 
 import warnings
 
-from moe.lm.training_config import QUANTIZE_MODES
+# `model.py --quantize` / `serve.py --quantize`.
+QUANTIZE_MODES = ("none", "int8", "int8-weights")
 
 
 def quantize_model(model, mode: str) -> None:

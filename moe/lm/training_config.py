@@ -15,10 +15,10 @@ from pathlib import Path
 
 from moe.lm import bundle, distribute
 from moe.lm.architectures import ARCHITECTURES, MAX_SEQ_LEN, TRAIN_POSITIONS
+from moe.lm.quantize import QUANTIZE_MODES
 from moe.lm.tokenizer import check_vocab_size
 
 JIT_COMPILE = ("auto", "on", "off")
-QUANTIZE_MODES = ("none", "int8", "int8-weights")
 # `keras.utils.set_random_seed` takes NumPy's seed range.
 MAX_SEED = 2**32 - 1
 
