@@ -24,6 +24,7 @@ from conftest import (
 import moe
 
 BACKEND = keras.backend.backend()
+to_numpy = keras.ops.convert_to_numpy
 WEIGHT_ONLY = keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
 
 
@@ -55,7 +56,7 @@ def numpy_int8_linear(x, q, scale, bias, quantize_inputs):
 def numpy_experts(layer, x, quantize_inputs):
     """Every expert on every row, from the layer's int8 kernels and scales:
     `(E, n, d_out)`."""
-    v = {w.name: np.asarray(w) for w in layer.weights}
+    v = {w.name: to_numpy(w) for w in layer.weights}
     p = layer.weight_prefix
     act = {"relu": lambda h: np.maximum(h, 0.0)}.get(
         layer.get_config()["activation"], lambda h: h / (1 + np.exp(-h))
@@ -97,22 +98,22 @@ def test_int8_experts_match_numpy(weight_only, gated, use_bias, activation):
         bias_initializer="random_normal",
     )
     x = np.random.default_rng(0).normal(size=(5, 8)).astype("float32")
-    float_out = np.asarray(experts(x))
+    float_out = to_numpy(experts(x))
     float_kernels = {
-        w.name: np.asarray(w) for w in experts.weights if "kernel" in w.name
+        w.name: to_numpy(w) for w in experts.weights if "kernel" in w.name
     }
     quantize(experts, config=WEIGHT_ONLY if weight_only else None)
 
     # The stored int8 kernels are NumPy's abs-max over the input axis of
     # each expert's matrix: one scale per expert and output channel.
     for name, w in float_kernels.items():
-        q = np.asarray(getattr(experts, name))
-        scale = np.asarray(getattr(experts, f"{name}_scale"))
+        q = to_numpy(getattr(experts, name))
+        scale = to_numpy(getattr(experts, f"{name}_scale"))
         assert q.dtype == np.int8 and scale.shape == (w.shape[0], w.shape[2])
         ref_q, ref_scale = numpy_abs_max(w, axis=1)
         np.testing.assert_allclose(scale, ref_scale[:, 0], rtol=1e-6)
         assert np.abs(q - ref_q).max() <= 1  # float rounding at .5 ties
-    out = np.asarray(experts(x))
+    out = to_numpy(experts(x))
     ref = numpy_experts(experts, x, quantize_inputs=not weight_only)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
     # And int8 stays close to float (a loose check of the scheme itself).
@@ -129,9 +130,7 @@ def moe_model(**moe_kwargs):
 
 
 def router_variables(model):
-    return {
-        v.path: np.asarray(v) for v in model.get_layer("moe").router.weights
-    }
+    return {v.path: to_numpy(v) for v in model.get_layer("moe").router.weights}
 
 
 @pytest.mark.parametrize(
@@ -145,7 +144,7 @@ def test_model_quantize_keeps_the_router_float(moe_kwargs):
     model = moe_model(**moe_kwargs)
     x = np.random.default_rng(1).normal(size=(7, 8)).astype("float32")
     before = router_variables(model)
-    float_out = np.asarray(model(x))
+    float_out = to_numpy(model(x))
     quantize(model)
     layer = model.get_layer("moe")
     after = router_variables(model)
@@ -158,7 +157,7 @@ def test_model_quantize_keeps_the_router_float(moe_kwargs):
     if layer.shared_experts is not None:
         assert layer.shared_experts.quantization_mode == "int8"
     assert model.get_layer("head").quantization_mode == "int8"
-    out = np.asarray(model(x))
+    out = to_numpy(model(x))
     assert np.abs(out - float_out).max() < 0.05 * np.abs(float_out).max()
 
 
@@ -170,12 +169,12 @@ def test_int8_dispatch_matches_every_expert_on_every_token(dispatch):
     x = np.random.default_rng(2).normal(size=(9, 8)).astype("float32")
     layer(x)
     quantize(layer.experts)
-    route = {k: np.asarray(v) for k, v in layer.route(x).items()}
-    every = np.asarray(layer.experts(x))  # (E, T, d): every expert
+    route = {k: to_numpy(v) for k, v in layer.route(x).items()}
+    every = to_numpy(layer.experts(x))  # (E, T, d): every expert
     rows = np.arange(len(x))[:, None]
     weights = route["expert_weights"][..., None]
     ref = np.sum(every[route["expert_indices"], rows] * weights, axis=1)
-    np.testing.assert_allclose(np.asarray(layer(x)), ref, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(layer(x)), ref, atol=1e-5)
 
 
 def test_perturbing_a_non_selected_int8_expert_changes_nothing():
@@ -183,19 +182,19 @@ def test_perturbing_a_non_selected_int8_expert_changes_nothing():
     x = np.random.default_rng(3).normal(size=(1, 8)).astype("float32")
     layer(x)
     quantize(layer.experts)
-    chosen = int(np.asarray(layer.route(x)["expert_indices"])[0, 0])
-    before = np.asarray(layer(x))
+    chosen = int(to_numpy(layer.route(x)["expert_indices"])[0, 0])
+    before = to_numpy(layer(x))
     for e in range(4):
         for name in ("expert_in_kernel", "expert_out_kernel"):
             q = getattr(layer.experts, name)
-            value = np.asarray(q).copy()
+            value = to_numpy(q).copy()
             value[e] = 127 - value[e]
             q.assign(value)
             scale = getattr(layer.experts, f"{name}_scale")
-            value = np.asarray(scale).copy()
+            value = to_numpy(scale).copy()
             value[e] *= 0.5
             scale.assign(value)
-        after = np.asarray(layer(x))
+        after = to_numpy(layer(x))
         if e == chosen:
             assert np.abs(after - before).max() > 1e-3
             before = after
@@ -226,7 +225,7 @@ def test_quantized_model_round_trips_through_keras_file(tmp_path):
     path = tmp_path / "int8.keras"
     model.save(path)
     loaded = keras.saving.load_model(path)
-    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
+    np.testing.assert_array_equal(to_numpy(loaded(x)), to_numpy(model(x)))
     dtypes = {v.path: v.dtype for v in loaded.weights}
     for path in (
         "block/block_moe/experts/expert_in_kernel",
@@ -241,7 +240,7 @@ def test_quantized_model_round_trips_through_keras_file(tmp_path):
     # A second save of the reloaded model writes the same weights.
     loaded.save(tmp_path / "again.keras")
     again = keras.saving.load_model(tmp_path / "again.keras")
-    np.testing.assert_array_equal(np.asarray(again(x)), np.asarray(model(x)))
+    np.testing.assert_array_equal(to_numpy(again(x)), to_numpy(model(x)))
 
 
 def test_quantizing_twice_is_refused():
