@@ -24,6 +24,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from moe.lm import bundle, cli, corpus, server  # noqa: E402
+from moe.lm.quantize import QUANTIZE_MODES  # noqa: E402
 
 # Library arguments that are flags of another name.
 RENAMES = {"n": "top", "num_words": "generate", "max_body_bytes": "max_body_kb"}
@@ -53,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="text encoding of --eval FILE and of queries on stdin")
     add("--explain", action="store_true",
         help="also show the experts each text went to, with gate weights")
+    add("--quantize", default="none", choices=QUANTIZE_MODES,
+        help="quantize a float bundle in memory before serving, as "
+        "model.py --quantize would have (the bundle stays as it is)")
     add("--export", metavar="DIR",
         help="write a TensorFlow SavedModel (raw strings in, next word and "
         "probability out) to the new folder DIR, e.g. export/moe/1")
@@ -79,6 +83,8 @@ def check_args(args: argparse.Namespace) -> server.ServerConfig:
     if args.explain and (args.generate is not None or args.eval):
         raise ValueError("--explain goes with texts or --top, not with "
                          "--generate or --eval")  # fmt: skip
+    if args.quantize != "none" and args.export:
+        raise ValueError("--quantize goes with serving, not with --export")
     modes = [f for f in ("http", "export", "eval") if getattr(args, f)]
     if len(modes) > 1:
         raise ValueError(f"use one of --{' or --'.join(modes)}")
@@ -162,6 +168,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"exported to {path}")
             return 0
         loaded = bundle.load_bundle(args.model_dir)
+        if args.quantize != "none":
+            from moe.lm import quantize
+
+            if quantize.is_quantized(loaded.model):
+                raise ValueError(
+                    f"{args.model_dir} is quantized already; serve it "
+                    "without `--quantize`"
+                )
+            quantize.quantize_model(loaded.model, args.quantize)
         predictor = NextWordPredictor(
             loaded.model, loaded.tokenizer, loaded.max_seq_len
         )

@@ -2,7 +2,7 @@ import keras
 from keras import ops
 
 from moe import dispatch as dispatch_lib
-from moe import validation
+from moe import quantization, validation
 from moe.layer_experts import LayerExperts
 
 # The weights of one expert, in the order `expert_fn` takes them (the
@@ -86,7 +86,12 @@ class Experts(keras.layers.Layer):
                 "`weight_prefix` must be a non-empty string. Received: "
                 f"weight_prefix={weight_prefix!r}"
             )
+        # Saved with a quantized layer (`moe.quantization`), as Dense does.
+        quantization_config = kwargs.pop("quantization_config", None)
         super().__init__(**kwargs)
+        self.quantization_config = keras.saving.deserialize_keras_object(
+            quantization_config
+        )
         self.num_experts = num_experts
         self.hidden_dim = hidden_dim
         self.output_dim = output_dim
@@ -120,15 +125,25 @@ class Experts(keras.layers.Layer):
         }
         # Kernels first, then biases: the order of the variables (and of a
         # saved file's entries) is that of the earlier `MoELayer`.
+        int8 = self.quantization_mode == "int8"  # reloading a quantized one
+        if int8:
+            self.inputs_quantizer = quantization.inputs_quantizer(
+                self.quantization_config
+            )
         for part in self._parts(kernels_first=True):
             shape, initializer = shapes[part]
             name = f"{self.weight_prefix}_{part}"
+            if int8 and part.endswith("kernel"):
+                quantization.add_int8_kernel(self, name, shape)
+                continue
             variable = self.add_weight(
                 name=name,
                 shape=(self.num_experts,) + shape,
                 initializer=initializer,
             )
             setattr(self, name, variable)
+        if int8:
+            self._is_quantized = True
 
     def _parts(self, kernels_first=False):
         parts = [
@@ -141,13 +156,21 @@ class Experts(keras.layers.Layer):
             parts.sort(key=lambda p: p.endswith("bias"))
         return parts
 
+    def variable_names(self, kernels_first=False):
+        """The variable names; when quantized, each kernel followed by its
+        scales."""
+        names = []
+        for part in self._parts(kernels_first):
+            names.append(f"{self.weight_prefix}_{part}")
+            if self.quantization_mode and part.endswith("kernel"):
+                names.append(f"{self.weight_prefix}_{part}_scale")
+        return names
+
     @property
     def stacked_weights(self):
         """The stacked variables, experts axis first, in `expert_fn`'s
-        order."""
-        return [
-            getattr(self, f"{self.weight_prefix}_{p}") for p in self._parts()
-        ]
+        order (when quantized, each kernel followed by its scales)."""
+        return [getattr(self, name) for name in self.variable_names()]
 
     def expert_fn(self, x, *params, affine=None):
         """Experts on `x` `(..., n, d)` with params stacked on the same
@@ -157,20 +180,29 @@ class Experts(keras.layers.Layer):
         may be `None`); a dispatch layout may pass its own, e.g. a grouped
         matmul applying expert `e`'s kernel to expert `e`'s rows.
         """
-        affine = affine or _affine
         params = list(params)
-        w_in = params.pop(0)
-        b_in = params.pop(0) if self.use_bias else None
-        hidden = affine(x, w_in, b_in)
+
+        def linear(x):
+            # The next kernel (and scales, when quantized) and bias.
+            kernel = params.pop(0)
+            scale = params.pop(0) if self.quantization_mode else None
+            bias = params.pop(0) if self.use_bias else None
+            if scale is None:
+                return (affine or _affine)(x, kernel, bias)
+            if affine is None:
+                return quantization.int8_affine(
+                    x, kernel, scale, bias, self.inputs_quantizer, x.dtype
+                )
+            # A layout's own matmul takes float kernels.
+            kernel = quantization.dequantize(kernel, scale, x.dtype)
+            return affine(x, kernel, bias)
+
+        hidden = linear(x)
         if self.gated:
-            w_gate = params.pop(0)
-            b_gate = params.pop(0) if self.use_bias else None
-            hidden = self.activation(affine(x, w_gate, b_gate)) * hidden
+            hidden = self.activation(linear(x)) * hidden
         else:
             hidden = self.activation(hidden)
-        w_out = params.pop(0)
-        b_out = params.pop(0) if self.use_bias else None
-        return affine(hidden, w_out, b_out)
+        return linear(hidden)
 
     def call(self, inputs):
         x = ops.reshape(inputs, (1, -1, ops.shape(inputs)[-1]))
@@ -231,10 +263,31 @@ class Experts(keras.layers.Layer):
             tokens, self.stacked_weights, self.expert_fn
         )
 
+    def _int8_call(self, inputs):
+        # `expert_fn` reads the quantization mode itself.
+        return self.call(inputs)
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Quantizes the stacked kernels in place to int8, per expert and
+        output channel; the biases stay float (`moe.quantization`)."""
+        quantization.quantize_experts(self, mode, config)
+
+    def save_own_variables(self, store):
+        # By name: a quantized layer's variables were not all created in
+        # `build`, so their tracking order differs from a rebuilt one's.
+        if not self.built:
+            return
+        for i, name in enumerate(self.variable_names(kernels_first=True)):
+            store[str(i)] = getattr(self, name)
+
     def load_own_variables(self, store):
         if self._loaded_by_parent and not len(store.keys()):
             return
-        super().load_own_variables(store)
+        self._check_load_own_variables(store)
+        if not self.built:
+            return
+        for i, name in enumerate(self.variable_names(kernels_first=True)):
+            getattr(self, name).assign(store[str(i)])
 
     def compute_output_shape(self, input_shape):
         output_dim = self.output_dim or input_shape[-1]
@@ -259,6 +312,9 @@ class Experts(keras.layers.Layer):
                 "weight_prefix": self.weight_prefix,
             }
         )
+        if self.quantization_mode:
+            ser = keras.saving.serialize_keras_object
+            config["quantization_config"] = ser(self.quantization_config)
         return config
 
 

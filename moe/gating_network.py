@@ -1,7 +1,7 @@
 import keras
 from keras import ops
 
-from moe import routing, validation
+from moe import quantization, routing, validation
 
 
 @keras.saving.register_keras_serializable(package="moe")
@@ -160,6 +160,11 @@ class GatingNetwork(keras.layers.Layer):
             "expert_indices": keras.KerasTensor(batch_shape + (k,), "int32"),
             "expert_weights": keras.KerasTensor(batch_shape + (k,), "float32"),
         }
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Routers stay float32 (`moe.quantization`): checks `mode`, does
+        nothing else."""
+        quantization.keep_float(self, mode)
 
     def get_config(self):
         config = super().get_config()

@@ -1,7 +1,7 @@
 import keras
 from keras import ops
 
-from moe import routers, validation
+from moe import quantization, routers, validation
 from moe import telemetry as telemetry_lib
 from moe.dispatch import DISPATCH_MODES
 from moe.experts import EXPERT_ARGUMENTS, check_output_width, make_experts
@@ -121,6 +121,8 @@ class MoELayer(MoELayerCompat, keras.layers.Layer):
         telemetry="summary",
         **kwargs,
     ):
+        # Which sublayers `model.quantize` quantized (`moe.quantization`).
+        quantized_sublayers = kwargs.pop("quantized_sublayers", None)
         if "group_top_k" in kwargs:  # see RENAMED_ARGUMENTS
             groups_per_token = kwargs.pop("group_top_k")
         routing = routers.get(routing)  # a name, or a (deserialized) router
@@ -153,6 +155,7 @@ class MoELayer(MoELayerCompat, keras.layers.Layer):
         self.router = router
         self.experts = routed
         self.shared_experts = shared
+        self.quantized_sublayers = quantized_sublayers
         self.supports_masking = True
         self.input_spec = keras.InputSpec(min_ndim=2, max_ndim=3)
         self._telemetry_names = telemetry_lib.metric_names(telemetry, router)
@@ -186,6 +189,7 @@ class MoELayer(MoELayerCompat, keras.layers.Layer):
         self.input_spec = keras.InputSpec(
             min_ndim=2, max_ndim=3, axes={-1: input_dim}
         )
+        quantization.restore_sublayers(self, self.quantized_sublayers)
 
     def call(self, inputs, training=None, mask=None, routing_key=None):
         tokens, token_mask = self._flatten(inputs, mask)  # (T, d), (T,)
@@ -282,4 +286,7 @@ class MoELayer(MoELayerCompat, keras.layers.Layer):
             selection_bias=self.use_selection_bias,
             experts=None if layers is None else [ser(la) for la in layers],
         )
+        quantized = quantization.quantized_sublayers(self)
+        if quantized:
+            config["quantized_sublayers"] = quantized
         return config

@@ -3,7 +3,7 @@ import inspect
 import keras
 from keras import ops
 
-from moe import routers, validation
+from moe import quantization, routers, validation
 from moe.moe_layer import RENAMED_ARGUMENTS, MoELayer
 
 
@@ -115,7 +115,10 @@ class MoETransformerBlock(keras.layers.Layer):
         )
         moe_kwargs = dict(moe_kwargs or {})
         _validate_moe_kwargs(moe_kwargs)
+        # Which sublayers `model.quantize` quantized (`moe.quantization`).
+        quantized_sublayers = kwargs.pop("quantized_sublayers", None)
         super().__init__(**kwargs)
+        self.quantized_sublayers = quantized_sublayers
         self.num_heads = num_heads
         self.intermediate_dim = intermediate_dim
         self.num_experts = num_experts
@@ -189,6 +192,7 @@ class MoETransformerBlock(keras.layers.Layer):
         self.feedforward_dropout = keras.layers.Dropout(
             self.dropout, dtype=self.dtype_policy, name="feedforward_dropout"
         )
+        quantization.restore_sublayers(self, self.quantized_sublayers)
 
     def _attend(self, inputs, padding_mask, training):
         # (batch, seq, width): inputs + the causal self-attention branch.
@@ -278,6 +282,9 @@ class MoETransformerBlock(keras.layers.Layer):
                 "moe_kwargs": dict(self.moe_kwargs),
             }
         )
+        quantized = quantization.quantized_sublayers(self)
+        if quantized:
+            config["quantized_sublayers"] = quantized
         return config
 
 

@@ -18,6 +18,7 @@ SCRIPTS = {
     "serving_latency": [],
     "memory": [],
     "cli_latency": [],
+    "quantization": [],
 }
 
 
@@ -155,3 +156,17 @@ def test_bad_corpus_path_is_one_line_and_nonzero(tmp_path):
     assert result.returncode != 0
     assert "no such file" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_quantization(quick_runs):
+    data = result_of(quick_runs, "quantization")
+    modes = {"none", "int8", "int8-weights"}
+    assert set(data["sizes"]) == set(data["quality"]) == modes
+    assert set(data["vs_float32"]) == modes - {"none"}
+    for mode in modes - {"none"}:
+        sizes = data["sizes"][mode]["weight_bytes_by_dtype"]
+        assert sizes["int8"] > sizes["float32"]
+        assert 0 < data["vs_float32"][mode]["model_keras_ratio"] < 1
+    for mode in modes:
+        assert set(data["latency"][mode]) == {"p50_ms", "b64_ms", "b512_ms"}
+        assert all(map(is_positive_number, data["latency"][mode].values()))

@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from moe.lm import architectures, bundle, distribute
+from moe.lm import architectures, bundle, distribute, quantize
 from moe.lm.training_config import (
     ConfigError,
     TrainingConfig,
@@ -260,6 +260,7 @@ def _fit(config, texts, task, verbose, callbacks, strategy, interrupted):
     }
     if not math.isfinite(validation["loss"]):
         raise TrainingError(_DIVERGED.format(what="the validation loss"))
+    quantized = _quantized(config, model, val_ds, strategy)
     history = {k: [float(v) for v in vs] for k, vs in history.items()}
     summary = {
         "config": dataclasses.asdict(config),
@@ -271,6 +272,7 @@ def _fit(config, texts, task, verbose, callbacks, strategy, interrupted):
         },
         "epochs_run": len(history["loss"]),
         "validation": validation,
+        **quantized,
         "history": history,
         "expert_load": {"per_epoch": load.history, "final": load.final},
         "distribution": distribute.describe(strategy, task),
@@ -286,6 +288,26 @@ def _fit(config, texts, task, verbose, callbacks, strategy, interrupted):
     if interrupted.is_set():
         raise KeyboardInterrupt
     return summary, model, data.tokenizer, figures
+
+
+def _quantized(config, model, val_ds, strategy) -> dict:
+    # `--quantize`: the model saved quantized, and its validation metrics.
+    if config.quantize == "none":
+        return {}
+    with distribute.scope(strategy):
+        quantize.quantize_model(model, config.quantize)
+    metrics = model.evaluate(val_ds, return_dict=True, verbose=0)
+    # A quantized bundle serves; it does not resume training (its int8
+    # kernels are not trainable), so it leaves out Adam's moments, which
+    # would be twice the float weights.
+    model.optimizer = None
+    names = ("loss", "accuracy", "top5_accuracy", "perplexity")
+    return {
+        "quantized": {
+            "mode": config.quantize,
+            "validation": {k: float(metrics[k]) for k in names},
+        }
+    }
 
 
 def _datasets(config, data, strategy):
@@ -429,7 +451,18 @@ def summary_line(summary: dict) -> str:
         f"{summary['pairs']['validation']} validation | "
         f"{summary['epochs_run']} epochs in {summary['seconds']:.1f} s | "
         f"val top-1 {val['accuracy']:.3f}, top-5 {val['top5_accuracy']:.3f}, "
-        f"perplexity {val['perplexity']:.1f} | {_saved_where(summary)}"
+        f"perplexity {val['perplexity']:.1f} | {_quantized_line(summary)}"
+        f"{_saved_where(summary)}"
+    )
+
+
+def _quantized_line(summary: dict) -> str:
+    if "quantized" not in summary:
+        return ""
+    q = summary["quantized"]
+    return (
+        f"{q['mode']}: top-1 {q['validation']['accuracy']:.3f}, "
+        f"perplexity {q['validation']['perplexity']:.1f} | "
     )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from moe.lm import bundle, distribute
 from moe.lm.architectures import ARCHITECTURES, MAX_SEQ_LEN, TRAIN_POSITIONS
+from moe.lm.quantize import QUANTIZE_MODES
 from moe.lm.tokenizer import check_vocab_size
 
 JIT_COMPILE = ("auto", "on", "off")
@@ -160,6 +161,18 @@ class TrainingConfig:
         metavar="DIR",
     )  # fmt: skip
 
+    # --- The saved bundle's number format (moe.lm.quantize) ---
+    quantize: str = setting(
+        "none",
+        "store the trained model quantized: the embeddings, the output "
+        "layer, the attention and the experts' kernels (per expert and "
+        "output channel) in int8, the routers in float32; serve.py serves it "
+        "as it is. int8: Keras's int8 (inputs quantized too, int8 matmuls); "
+        "int8-weights: int8 weights, float matmuls (faster on CPU, see "
+        "bench/README.md)",
+        choices=QUANTIZE_MODES,
+    )
+
 
 class ConfigError(ValueError):
     """An invalid setting; the message names the flag."""
@@ -193,6 +206,7 @@ def validate(config: TrainingConfig) -> None:
         raise ConfigError(str(e)) from None
     _check_choice("architecture", tuple(ARCHITECTURES), config.architecture)
     _check_choice("jit_compile", JIT_COMPILE, config.jit_compile)
+    _check_choice("quantize", QUANTIZE_MODES, config.quantize)
     positions = config.train_positions
     if positions is not None:
         _check_choice("train_positions", TRAIN_POSITIONS, positions)

@@ -6,7 +6,7 @@ import keras
 from keras import ops
 
 from moe import dispatch as dispatch_lib
-from moe import losses, routing, validation
+from moe import losses, quantization, routing, validation
 from moe.gating_network import GatingNetwork
 
 
@@ -152,6 +152,11 @@ class Router(keras.layers.Layer):
     def telemetry_names(self):
         """Names of the extra statistics `telemetry()` returns."""
         return ()
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Routers stay float32 (`moe.quantization`): checks `mode`, does
+        nothing else."""
+        quantization.keep_float(self, mode)
 
     def call(self, tokens, token_mask=None, routing_key=None, training=None):
         raise NotImplementedError(f"{type(self).__name__} must define `call`")
