@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from moe.lm import architectures, bundle, distribute
+from moe.lm import architectures, bundle, distribute, finetune
 from moe.lm.training_config import (
     ConfigError,
     TrainingConfig,
@@ -187,7 +187,7 @@ def train(
         KeyboardInterrupt: `interrupted` was set; nothing is saved.
     """
     validate(config)
-    config = with_defaults(config)
+    config = with_defaults(finetune.resolve(config))
     if texts is None:
         texts = load_corpus(config)
     task = distribute.check_strategy(config.strategy)  # TF_CONFIG
@@ -222,10 +222,13 @@ def _fit(config, texts, task, verbose, callbacks, strategy, interrupted):
         raise ConfigError(str(e)) from None
     started = time.perf_counter()
     keras.utils.set_random_seed(config.seed)
-    data = prepare_data(config, texts)
+    start = finetune.load(config)
+    data = prepare_data(
+        config, texts, start.bundle.tokenizer if start else None
+    )
     check_memory(config, data.tokenizer.vocab_size)
     train_ds, val_ds = _datasets(config, data, strategy)
-    model, trained = _compiled_models(config, data.tokenizer, strategy)
+    model, trained = _compiled_models(config, data.tokenizer, strategy, start)
     # Per-expert load on a fixed validation sample, on every backend; after
     # early stopping so that its final load is that of the restored weights.
     load = ExpertLoadCallback(
@@ -273,6 +276,7 @@ def _fit(config, texts, task, verbose, callbacks, strategy, interrupted):
         "validation": validation,
         "history": history,
         "expert_load": {"per_epoch": load.history, "final": load.final},
+        "starting_point": finetune.describe(start),
         "distribution": distribute.describe(strategy, task),
         "seconds": round(time.perf_counter() - started, 2),
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -324,7 +328,7 @@ def _serving_task(config, data, strategy):
     return distribute.distribute_options(val_ds)
 
 
-def _compiled_models(config, tokenizer, strategy):
+def _compiled_models(config, tokenizer, strategy, start=None):
     """`(model, trained)`, compiled in `strategy`'s scope.
 
     `model` is the one serving uses; `trained` the one `fit` trains: the
@@ -334,6 +338,7 @@ def _compiled_models(config, tokenizer, strategy):
     """
     with distribute.scope(strategy):
         model = build(config, tokenizer.vocab_size)
+        finetune.start_from(model, start)  # --init-from, --upcycle-from
         trained = model
         if config.train_positions == "all":
             trained = architectures.every_position_model(model)
