@@ -124,3 +124,54 @@ def test_cli_bad_freeze_is_one_line(tmp_path, base_bundle):
     assert "--freeze takes a comma-separated list of experts, router" in (
         result.stderr
     )
+
+
+@pytest.mark.parametrize("architecture", ["pooled", "transformer"])
+def test_upcycled_model_starts_as_the_dense_one(architecture):
+    from moe.lm import architectures, upcycle
+
+    builder = {
+        "pooled": architectures.build_model,
+        "transformer": architectures.build_transformer_model,
+    }[architecture]
+    sizes = dict(vocab_size=30, max_seq_len=4, embed_dim=8, hidden_dim=16,
+                 num_shared_experts=1, seed=3)  # fmt: skip
+    if architecture == "transformer":
+        sizes.update(num_layers=2, num_heads=2)
+    dense = builder(num_experts=1, top_k=1, **sizes)
+    sparse = builder(num_experts=4, top_k=2, **sizes)
+    contexts = np.random.default_rng(0).integers(0, 30, (16, 4), np.int32)
+    before = sparse.predict(contexts, verbose=0)
+    upcycle.copy_weights(dense, sparse, upcycle=True)
+    expected = dense.predict(contexts, verbose=0)
+    assert not np.allclose(before, expected, atol=1e-4)
+    np.testing.assert_allclose(
+        sparse.predict(contexts, verbose=0), expected, atol=1e-5
+    )
+    # Every expert is the dense FFN; the router is the new model's own.
+    from moe.lm.explain import moe_layer_of, routed_layers
+
+    for layer in routed_layers(sparse):
+        kernel = moe_layer_of(layer).experts.weights[0].numpy()
+        assert np.array_equal(kernel[0], kernel[3])
+
+
+def test_upcycle_from_trains(tmp_path):
+    dense_dir = tmp_path / "dense"
+    dense = config_for(tmp_path, LM_TINY_CORPUS, dense_dir, num_experts=1,
+                       top_k=1, architecture="transformer")  # fmt: skip
+    training.train(dense, verbose=0)
+    upcycled = config_for(
+        tmp_path, LM_TINY_CORPUS, tmp_path / "moe",
+        upcycle_from=str(dense_dir), num_experts=4, top_k=2, epochs=1,
+    )  # fmt: skip
+    summary = training.train(upcycled, verbose=0)
+    assert summary["config"]["architecture"] == "transformer"
+    assert summary["config"]["num_experts"] == 4
+    assert summary["starting_point"]["kind"] == "upcycle_from"
+    model = bundle.load_bundle(tmp_path / "moe").model
+    from moe.lm.explain import moe_layer_of, routed_layers
+
+    kernel = moe_layer_of(routed_layers(model)[0]).experts.weights[0].numpy()
+    assert not np.array_equal(kernel[0], kernel[1])  # trained apart
+    assert np.isfinite(summary["validation"]["perplexity"])
