@@ -214,6 +214,7 @@ def _fit(config, texts, task, verbose, callbacks, strategy, interrupted):
 
     from moe.lm import plots
     from moe.lm.expert_load import ExpertLoadCallback
+    from moe.lm.expert_words import MAX_CONTEXTS, expert_words
 
     try:
         if strategy is None:
@@ -264,6 +265,9 @@ def _fit(config, texts, task, verbose, callbacks, strategy, interrupted):
     if not math.isfinite(validation["loss"]):
         raise TrainingError(_DIVERGED.format(what="the validation loss"))
     history = {k: [float(v) for v in vs] for k, vs in history.items()}
+    words = expert_words(
+        model, data.tokenizer, _load_sample(config, data, MAX_CONTEXTS)
+    )
     summary = {
         "config": dataclasses.asdict(config),
         "vocab_size": data.tokenizer.vocab_size,
@@ -277,6 +281,7 @@ def _fit(config, texts, task, verbose, callbacks, strategy, interrupted):
         "history": history,
         "expert_load": {"per_epoch": load.history, "final": load.final},
         "starting_point": finetune.describe(start),
+        "expert_words": words,
         "distribution": distribute.describe(strategy, task),
         "seconds": round(time.perf_counter() - started, 2),
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -286,6 +291,7 @@ def _fit(config, texts, task, verbose, callbacks, strategy, interrupted):
     figures = {
         bundle.TRAINING_FIGURE: plots.training_png(history),
         bundle.EXPERTS_FIGURE: plots.experts_png(load.history, load.final),
+        bundle.EXPERT_WORDS_FIGURE: plots.expert_words_png(words),
     }
     if interrupted.is_set():
         raise KeyboardInterrupt
@@ -397,11 +403,11 @@ def _check_finite(history: dict, model) -> None:
         raise TrainingError(_DIVERGED.format(what="a weight"))
 
 
-def _load_sample(config, data):
-    """Up to 1024 validation contexts for `ExpertLoadCallback`."""
+def _load_sample(config, data, size: int = 1024):
+    """Up to `size` validation contexts (`ExpertLoadCallback`'s 1024)."""
     from moe.lm.data import contexts
 
-    sample = data.val_positions[:1024]
+    sample = data.val_positions[:size]
     return contexts(
         data.tokens, sample, data.starts[sample], config.max_seq_len
     ).numpy()
