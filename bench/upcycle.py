@@ -11,7 +11,8 @@ printed beside it). Early stopping is off (patience = epochs).
 
 Usage:
     nice -n 10 python bench/upcycle.py --corpus A.txt B.txt HELD_OUT.txt \
-        --validation-split 0.27 --epochs 4 --dense-epochs 3
+        --validation-split 0.27 --epochs 4 --dense-epochs 3 \
+        [--upcycled-learning-rate 3e-4]
 """
 
 import argparse
@@ -61,6 +62,11 @@ def main() -> None:
     parser.add_argument("--moe-experts", type=int, default=4)
     parser.add_argument("--flags", default="--embed-dim 64 --hidden-dim 64 "
                         "--num-layers 1 --num-heads 4")  # fmt: skip
+    parser.add_argument(
+        "--upcycled-learning-rate",
+        type=float,
+        help="the upcycled run's (default: the others')",
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     base = cli.parse_training_args(
@@ -81,7 +87,8 @@ def main() -> None:
         )
         scratch = run(dataclasses.replace(moe, output=f"{tmp}/s"), "scratch")
         upcycled = run(dataclasses.replace(
-            moe, output=f"{tmp}/u", upcycle_from=dense_dir
+            moe, output=f"{tmp}/u", upcycle_from=dense_dir,
+            learning_rate=args.upcycled_learning_rate or moe.learning_rate,
         ), "upcycled")  # fmt: skip
     target = scratch["val_perplexity"][-1]
     print(
