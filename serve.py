@@ -8,6 +8,7 @@ Usage:
     python serve.py --generate 8 --temperature 0.8 --seed 1 "once upon"
     python serve.py --eval held_out.txt        # top-1/top-5 accuracy, ppl
     python serve.py --explain "how are"        # + experts and gate weights
+    python serve.py --expert-words 5           # each expert's top 5 words
     python serve.py --http [--port 8000]       # HTTP JSON API (docs/http.md)
     python serve.py --export export/moe/1      # TF SavedModel, strings in
     python serve.py                            # prompt (or one query per
@@ -23,7 +24,7 @@ import sys
 # TensorFlow's C++ start-up log is noise to a user (a level they set stays).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from moe.lm import bundle, cli, corpus, server  # noqa: E402
+from moe.lm import bundle, cli, corpus, expert_words, server  # noqa: E402
 from moe.lm.quantize import QUANTIZE_MODES  # noqa: E402
 
 # Library arguments that are flags of another name.
@@ -57,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--quantize", default="none", choices=QUANTIZE_MODES,
         help="quantize a float bundle in memory before serving, as "
         "model.py --quantize would have (the bundle stays as it is)")
+    add("--expert-words", type=int, nargs="?", const=5, metavar="N",
+        help="print the N words each expert took most often on the "
+        "validation text (recorded at training), then exit")
     add("--export", metavar="DIR",
         help="write a TensorFlow SavedModel (raw strings in, next word and "
         "probability out) to the new folder DIR, e.g. export/moe/1")
@@ -86,10 +90,15 @@ def check_args(args: argparse.Namespace) -> server.ServerConfig:
     if args.quantize != "none" and args.export:
         raise ValueError("--quantize goes with serving, not with --export")
     modes = [f for f in ("http", "export", "eval") if getattr(args, f)]
+    if args.expert_words is not None:
+        if args.expert_words < 1:
+            raise ValueError("--expert-words must be at least 1. Received: "
+                             f"{args.expert_words}")  # fmt: skip
+        modes.insert(0, "expert-words")
     if len(modes) > 1:
         raise ValueError(f"use one of --{' or --'.join(modes)}")
     query_flags = (args.top, args.generate)
-    if (args.http or args.export) and (
+    if (args.http or args.export or args.expert_words) and (
         args.texts or args.explain or query_flags != (None, None)
     ):
         raise ValueError(
@@ -158,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         config = check_args(args)
         # What can be checked before TensorFlow loads.
         bundle.check_bundle(args.model_dir)
+        if args.expert_words is not None:
+            words = expert_words.read(args.model_dir)
+            print(expert_words.format_table(words, args.expert_words))
+            return 0
         text = corpus.read_text(args.eval, args.encoding) if args.eval else ""
         with cli.loading_tensorflow():
             from moe.lm.predictor import NextWordPredictor

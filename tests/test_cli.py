@@ -34,7 +34,7 @@ def test_train_then_serve_end_to_end(lm_trained, lm_corpus_file):
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["model.keras", "tokenizer.json", "max_seq_len.txt", "training.json",
-         "training.png", "experts.png"]
+         "training.png", "experts.png", "expert_words.png"]
     )  # fmt: skip
     assert (out / "max_seq_len.txt").read_text().strip() == "3"
     training = json.loads((out / "training.json").read_text())

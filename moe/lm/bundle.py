@@ -6,8 +6,9 @@ A bundle is a folder holding
 - `tokenizer.json`: the versioned tokenizer (`Tokenizer.to_json`),
 - `max_seq_len.txt`: the context window, one integer,
 - `training.json`: settings, metrics, library versions, trained-at time,
-- optionally the pictures `training.png` (loss and accuracy curves) and
-  `experts.png` (per-expert load over training), for people.
+- optionally the pictures `training.png` (loss and accuracy curves),
+  `experts.png` (per-expert load over training) and `expert_words.png`
+  (the words each expert takes most), for people.
 
 Nothing a user has is lost or half-overwritten:
 
@@ -56,9 +57,11 @@ MAX_SEQ_LEN_FILE = "max_seq_len.txt"
 TRAINING_FILE = "training.json"
 TRAINING_FIGURE = "training.png"
 EXPERTS_FIGURE = "experts.png"
+EXPERT_WORDS_FIGURE = "expert_words.png"
+FIGURES = (TRAINING_FIGURE, EXPERTS_FIGURE, EXPERT_WORDS_FIGURE)
 # What serving needs; training.json and the pictures are for people.
 REQUIRED_FILES = (MODEL_FILE, TOKENIZER_FILE, MAX_SEQ_LEN_FILE)
-OPTIONAL_FILES = (TRAINING_FILE, TRAINING_FIGURE, EXPERTS_FIGURE)
+OPTIONAL_FILES = (TRAINING_FILE, *FIGURES)
 BUNDLE_FILES = REQUIRED_FILES + OPTIONAL_FILES
 # Files of the user's that a bundle folder may also hold: never written by a
 # save, carried over into the new bundle by each one.
@@ -225,7 +228,7 @@ def save_bundle(
 
     Args:
         figures: optional `{file name: PNG bytes}`, names among
-            `TRAINING_FIGURE` and `EXPERTS_FIGURE`.
+            `FIGURES`.
         lock: the caller's `OutputLock` on `directory`, if it holds one
             (a training holds it from start to end); else one is taken for
             the save.
@@ -236,10 +239,10 @@ def save_bundle(
             then saved beside it, in a folder the message names.
     """
     figures = figures or {}
-    unknown = set(figures) - {TRAINING_FIGURE, EXPERTS_FIGURE}
+    unknown = set(figures) - set(FIGURES)
     if unknown:
         raise ValueError(
-            f"`figures` may hold {TRAINING_FIGURE} and {EXPERTS_FIGURE}. "
+            f"`figures` may hold {', '.join(FIGURES)}. "
             f"Received: {sorted(unknown)}"
         )
     parts = (model, tokenizer, max_seq_len, training, figures)

@@ -94,6 +94,41 @@ def experts_png(history: dict[str, list], final: dict[str, list]) -> bytes:
     return _png(figure)
 
 
+def expert_words_png(words: dict[str, list], top: int = 8) -> bytes:
+    """Each expert's most frequent words, one row of panels per layer.
+
+    Args:
+        words: `training.json`'s `expert_words`
+            (`moe.lm.expert_words.summarize`).
+        top: the words shown per expert.
+    """
+    layers = list(words)
+    columns = max(len(words[layer]) for layer in layers)
+    figure = Figure(
+        figsize=(2.3 * columns, 0.3 * top * len(layers) + 1.2),
+        layout="constrained",
+    )
+    grid = figure.subplots(len(layers), columns, squeeze=False)
+    for row, layer in zip(grid, layers, strict=True):
+        for axes, info in zip(row, words[layer]):
+            pairs = info["top_words"][:top][::-1]  # the most frequent on top
+            axes.barh(
+                range(len(pairs)), [p[2] for p in pairs], color="tab:blue"
+            )
+            axes.set_yticks(range(len(pairs)), [p[0] for p in pairs])
+            axes.set_xlim(0, 1)
+            axes.set_title(
+                f"{layer} {info['expert']}: {info['load']:.0%} of load",
+                fontsize="small",
+            )
+            axes.tick_params(labelsize="small")
+            axes.grid(alpha=0.3, axis="x")
+        for axes in row[len(words[layer]) :]:
+            axes.set_visible(False)
+    figure.supxlabel("share of the expert's words")
+    return _png(figure)
+
+
 def _curve(axes, history: dict, key: str, label: str) -> None:
     values = history.get(key)
     if values:

@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from moe.lm import architectures, bundle, distribute, quantize
+from moe.lm import architectures, bundle, distribute, finetune, quantize
 from moe.lm.training_config import (
     ConfigError,
     TrainingConfig,
@@ -187,7 +187,7 @@ def train(
         KeyboardInterrupt: `interrupted` was set; nothing is saved.
     """
     validate(config)
-    config = with_defaults(config)
+    config = with_defaults(finetune.resolve(config))
     if texts is None:
         texts = load_corpus(config)
     task = distribute.check_strategy(config.strategy)  # TF_CONFIG
@@ -214,6 +214,7 @@ def _fit(config, texts, task, verbose, callbacks, strategy, interrupted):
 
     from moe.lm import plots
     from moe.lm.expert_load import ExpertLoadCallback
+    from moe.lm.expert_words import MAX_CONTEXTS, expert_words
 
     try:
         if strategy is None:
@@ -222,10 +223,13 @@ def _fit(config, texts, task, verbose, callbacks, strategy, interrupted):
         raise ConfigError(str(e)) from None
     started = time.perf_counter()
     keras.utils.set_random_seed(config.seed)
-    data = prepare_data(config, texts)
+    start = finetune.load(config)
+    data = prepare_data(
+        config, texts, start.bundle.tokenizer if start else None
+    )
     check_memory(config, data.tokenizer.vocab_size)
     train_ds, val_ds = _datasets(config, data, strategy)
-    model, trained = _compiled_models(config, data.tokenizer, strategy)
+    model, trained = _compiled_models(config, data.tokenizer, strategy, start)
     # Per-expert load on a fixed validation sample, on every backend; after
     # early stopping so that its final load is that of the restored weights.
     load = ExpertLoadCallback(
@@ -262,6 +266,9 @@ def _fit(config, texts, task, verbose, callbacks, strategy, interrupted):
         raise TrainingError(_DIVERGED.format(what="the validation loss"))
     quantized = _quantized(config, model, val_ds, strategy)
     history = {k: [float(v) for v in vs] for k, vs in history.items()}
+    words = expert_words(
+        model, data.tokenizer, _load_sample(config, data, MAX_CONTEXTS)
+    )
     summary = {
         "config": dataclasses.asdict(config),
         "vocab_size": data.tokenizer.vocab_size,
@@ -275,6 +282,8 @@ def _fit(config, texts, task, verbose, callbacks, strategy, interrupted):
         **quantized,
         "history": history,
         "expert_load": {"per_epoch": load.history, "final": load.final},
+        "starting_point": finetune.describe(start),
+        "expert_words": words,
         "distribution": distribute.describe(strategy, task),
         "seconds": round(time.perf_counter() - started, 2),
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -284,6 +293,7 @@ def _fit(config, texts, task, verbose, callbacks, strategy, interrupted):
     figures = {
         bundle.TRAINING_FIGURE: plots.training_png(history),
         bundle.EXPERTS_FIGURE: plots.experts_png(load.history, load.final),
+        bundle.EXPERT_WORDS_FIGURE: plots.expert_words_png(words),
     }
     if interrupted.is_set():
         raise KeyboardInterrupt
@@ -346,7 +356,7 @@ def _serving_task(config, data, strategy):
     return distribute.distribute_options(val_ds)
 
 
-def _compiled_models(config, tokenizer, strategy):
+def _compiled_models(config, tokenizer, strategy, start=None):
     """`(model, trained)`, compiled in `strategy`'s scope.
 
     `model` is the one serving uses; `trained` the one `fit` trains: the
@@ -356,6 +366,7 @@ def _compiled_models(config, tokenizer, strategy):
     """
     with distribute.scope(strategy):
         model = build(config, tokenizer.vocab_size)
+        finetune.start_from(model, start)  # --init-from, --upcycle-from
         trained = model
         if config.train_positions == "all":
             trained = architectures.every_position_model(model)
@@ -414,11 +425,11 @@ def _check_finite(history: dict, model) -> None:
         raise TrainingError(_DIVERGED.format(what="a weight"))
 
 
-def _load_sample(config, data):
-    """Up to 1024 validation contexts for `ExpertLoadCallback`."""
+def _load_sample(config, data, size: int = 1024):
+    """Up to `size` validation contexts (`ExpertLoadCallback`'s 1024)."""
     from moe.lm.data import contexts
 
-    sample = data.val_positions[:1024]
+    sample = data.val_positions[:size]
     return contexts(
         data.tokens, sample, data.starts[sample], config.max_seq_len
     ).numpy()

@@ -160,6 +160,28 @@ class TrainingConfig:
         None, "also log to TensorBoard in DIR, with per-expert load",
         metavar="DIR",
     )  # fmt: skip
+    # Starting point: a saved bundle to continue or upcycle
+    # (moe.lm.finetune).
+    init_from: str | None = setting(
+        None,
+        "continue training the bundle in DIR on the corpus: its vocabulary "
+        "(new words are out-of-vocabulary), context window and model "
+        "settings are kept (a flag that contradicts them is refused)",
+        metavar="DIR",
+    )
+    upcycle_from: str | None = setting(
+        None,
+        "start the MoE model from the dense bundle in DIR (trained with "
+        "--num-experts 1): every expert a copy of its feed-forward network, "
+        "the router new; its sizes and vocabulary are kept",
+        metavar="DIR",
+    )
+    freeze: str | None = setting(
+        None,
+        "with --init-from or --upcycle-from: parts left untrained, "
+        "comma-separated among experts, router, embeddings, shared",
+        metavar="PARTS",
+    )
 
     # --- The saved bundle's number format (moe.lm.quantize) ---
     quantize: str = setting(
@@ -188,6 +210,10 @@ def validate(config: TrainingConfig) -> None:
         ConfigError: the first invalid setting, naming its flag.
         moe.lm.bundle.BundleError: `output` may not be written.
     """
+    from moe.lm import finetune  # it imports this module
+
+    # The model settings of --init-from / --upcycle-from, checked as given.
+    config = finetune.resolve(config)
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if isinstance(value, float) and not math.isfinite(value):

@@ -33,8 +33,13 @@ def load_corpus(config: TrainingConfig) -> list[str]:
     return [corpus.read_text(p, config.encoding) for p in config.corpus]
 
 
-def prepare_data(config: TrainingConfig, texts: list[str]) -> PreparedData:
+def prepare_data(
+    config: TrainingConfig, texts: list[str], tokenizer: Tokenizer | None = None
+) -> PreparedData:
     """Tokenizer, token stream and the train / validation target positions.
+
+    The tokenizer is fitted on `texts`, unless one is given (a bundle's, to
+    continue training it: words outside its vocabulary are out of it).
 
     The validation positions are the targets in the last
     `validation_split` fraction of the token stream (their contexts may
@@ -43,7 +48,8 @@ def prepare_data(config: TrainingConfig, texts: list[str]) -> PreparedData:
     Raises:
         moe.lm.corpus.CorpusError: too few words for both parts.
     """
-    tokenizer = Tokenizer.fit(texts, config.vocab_size)
+    if tokenizer is None:
+        tokenizer = Tokenizer.fit(texts, config.vocab_size)
     tokens, starts = corpus.token_stream(tokenizer, texts)
     if len(tokens) < 2:
         raise corpus.CorpusError(
