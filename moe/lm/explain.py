@@ -20,6 +20,8 @@ import inspect
 import keras
 from keras import ops
 
+from moe import validation
+
 
 def routed_layers(model: keras.Model) -> list:
     """The top-level layers of a functional `model` that route to experts,
@@ -76,11 +78,7 @@ class ExplainedModel(keras.Model):
     """
 
     def __init__(self, model, positions="last", **kwargs):
-        if positions not in ("last", "all"):
-            raise ValueError(
-                '`positions` must be "last" or "all". Received: '
-                f"positions={positions!r}"
-            )
+        validation.one_of("positions", positions, ("last", "all"))
         super().__init__(**kwargs)
         self.model = model
         self.positions = positions
