@@ -24,7 +24,7 @@ import sys
 # TensorFlow's C++ start-up log is noise to a user (a level they set stays).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from moe.lm import bundle, cli, corpus, expert_words, server  # noqa: E402
+from moe.lm import bundle, cli, corpus, expert_words, server_config  # noqa: E402
 from moe.lm.quantize import QUANTIZE_MODES  # noqa: E402
 
 # Library arguments that are flags of another name.
@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def check_args(args: argparse.Namespace) -> server.ServerConfig:
+def check_args(args: argparse.Namespace) -> server_config.ServerConfig:
     """The HTTP settings; raises `ValueError` for flags that cannot work."""
     if args.top is not None and args.generate is not None:
         raise ValueError("use --top or --generate, not both")
@@ -106,8 +106,8 @@ def check_args(args: argparse.Namespace) -> server.ServerConfig:
         )
     if any(not text.strip() for text in args.texts):
         raise ValueError("empty query: give some words")
-    server.check_port(args.port)
-    return server.ServerConfig(
+    server_config.check_port(args.port)
+    return server_config.ServerConfig(
         max_instances=args.max_instances,
         max_body_bytes=args.max_body_kb * 1024,
         max_batch=args.max_batch,
@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             loaded.model, loaded.tokenizer, loaded.max_seq_len
         )
         if args.http:
+            from moe.lm import server
+
             server.run(predictor, loaded.training, config, args.host,
                        args.port, ready=serving)  # fmt: skip
             print("stopped", flush=True)
@@ -223,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serving(url: str) -> None:
-    print(f"serving {url}{server.PREDICT_PATH} (Ctrl-C stops)", flush=True)
+    from moe.lm.server import PREDICT_PATH
+
+    print(f"serving {url}{PREDICT_PATH} (Ctrl-C stops)", flush=True)
 
 
 if __name__ == "__main__":

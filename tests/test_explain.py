@@ -108,6 +108,25 @@ def test_explained_model_needs_a_routed_layer():
         ExplainedModel(pooled(), positions="first")
 
 
+class _ScaledRouter(keras.layers.Layer):
+    def call(self, inputs, scale=None):
+        return inputs * scale
+
+    def route(self, inputs, mask=None, routing_key=None):
+        raise AssertionError("never reached")
+
+
+def test_a_call_tensor_that_is_no_route_argument_is_refused():
+    # Besides its input, route() takes a bool mask and an integer key: a
+    # float tensor the layer was called with has no place there.
+    inputs, scale = keras.Input((3,)), keras.Input((3,))
+    model = keras.Model(
+        [inputs, scale], _ScaledRouter(name="scaled")(inputs, scale=scale)
+    )
+    with pytest.raises(ValueError, match="cannot explain layer 'scaled'"):
+        ExplainedModel(model)
+
+
 def test_experts_by_row_keeps_kept_pairs_heaviest_first():
     route = {
         "expert_indices": np.array([[3, 1, 0]]),

@@ -46,7 +46,8 @@ def test_max_seq_len_defaults_per_architecture():
         ),
         (
             ["--architecture", "transformer", "--dropout", "1"],
-            "--dropout must be a finite number in [0, 1). Received: dropout=1.0",
+            "--dropout must be a finite number in [0, 1). "
+            "Received: dropout=1.0",
         ),
         (
             ["--train-positions", "all"],

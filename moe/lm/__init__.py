@@ -4,8 +4,10 @@
 (token stream -> tf.data examples), `architectures` (the Keras models and
 their defaults), `training_config` (the settings and their checks),
 `training` (`train()`), `cli` (what the two scripts share), `bundle`
-(`saved_model/` I/O), `predictor` (`NextWordPredictor`), `server` (HTTP),
-`export` (TF SavedModel). `model.py` and `serve.py` are command lines over
+(`saved_model/` I/O; its folder safety in `bundle_folder`, file names and
+errors in `bundle_layout`), `predictor` (`NextWordPredictor`), `server`
+(HTTP; its parts `server_config`, `server_requests`, `batcher`), `export`
+(TF SavedModel). `model.py` and `serve.py` are command lines over
 these; `moe` itself never imports `moe.lm`.
 
 Example:
@@ -28,7 +30,7 @@ _PUBLIC = {
     "CorpusError": "moe.lm.corpus",
     "ExportError": "moe.lm.export",
     "NextWordPredictor": "moe.lm.predictor",
-    "ServerConfig": "moe.lm.server",
+    "ServerConfig": "moe.lm.server_config",
     "Tokenizer": "moe.lm.tokenizer",
     "TrainingConfig": "moe.lm.training_config",
     "create_app": "moe.lm.server",

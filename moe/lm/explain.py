@@ -20,9 +20,12 @@ import inspect
 import keras
 from keras import ops
 
+from moe import validation
+
 
 def routed_layers(model: keras.Model) -> list:
-    """The top-level layers of `model` that route to experts, input first.
+    """The top-level layers of a functional `model` that route to experts,
+    input first.
 
     A layer routes if it has a `route()` method (`moe.MoELayer`, the MoE
     Transformer block).
@@ -30,7 +33,7 @@ def routed_layers(model: keras.Model) -> list:
     return [
         layer
         for layer in model.layers
-        if callable(getattr(layer, "route", None)) and layer._inbound_nodes
+        if callable(getattr(layer, "route", None))
     ]
 
 
@@ -75,11 +78,7 @@ class ExplainedModel(keras.Model):
     """
 
     def __init__(self, model, positions="last", **kwargs):
-        if positions not in ("last", "all"):
-            raise ValueError(
-                '`positions` must be "last" or "all". Received: '
-                f"positions={positions!r}"
-            )
+        validation.one_of("positions", positions, ("last", "all"))
         super().__init__(**kwargs)
         self.model = model
         self.positions = positions
@@ -89,14 +88,18 @@ class ExplainedModel(keras.Model):
                 f"model {model.name!r} has no layer with a `route()` method "
                 "to explain"
             )
-        # The tensors each routed layer was called with, as extra outputs of
-        # the same graph (Keras records them on the layer's call node).
-        self._arguments = [
-            layer._inbound_nodes[0].arguments for layer in self.routed
+        # The tensors each routed layer was called with (`layer.input`), as
+        # extra outputs of the same graph, and the `route()` argument each
+        # one is.
+        inputs = [_call_tensors(layer) for layer in self.routed]
+        self._names = [
+            _argument_names(layer, tensors)
+            for layer, tensors in zip(self.routed, inputs)
         ]
-        tensors = [t for args in self._arguments for t in args.keras_tensors]
         self._features = keras.Model(
-            model.inputs, [model.outputs[0], *tensors], name="features"
+            model.inputs,
+            [model.outputs[0], *(t for tensors in inputs for t in tensors)],
+            name="features",
         )
         self.layer_names = [layer.name for layer in self.routed]
 
@@ -104,11 +107,11 @@ class ExplainedModel(keras.Model):
         probabilities, *values = self._features(contexts, training=False)
         values = iter(values)
         routes = []
-        for layer, arguments in zip(self.routed, self._arguments):
-            filled = {id(t): next(values) for t in arguments.keras_tensors}
-            args, kwargs = arguments.fill_in(filled)
-            kwargs = _route_kwargs(layer, args[0], kwargs, contexts)
-            route = layer.route(*args, **kwargs)
+        for layer, names in zip(self.routed, self._names):
+            inputs, *extra = [next(values) for _ in names]
+            kwargs = dict(zip(names[1:], extra))
+            kwargs = _with_mask(layer, inputs, kwargs, contexts)
+            route = layer.route(inputs, **kwargs)
             sequence = len(ops.shape(route["expert_indices"])) == 3
             if sequence and self.positions == "last":
                 # A sequence: the last position is the last word.
@@ -117,22 +120,59 @@ class ExplainedModel(keras.Model):
         return probabilities, routes
 
 
-def _route_kwargs(layer, inputs, call_kwargs, contexts) -> dict:
-    """The call's keyword arguments that `route()` takes, plus the mask.
+def _call_tensors(layer) -> list:
+    """The tensors the model called `layer` with: its input first, then
+    those given as keyword arguments, in the order of their names."""
+    tensors = layer.input
+    return list(tensors) if isinstance(tensors, (list, tuple)) else [tensors]
+
+
+def _argument_names(layer, tensors) -> list:
+    """`[None, route() argument, ...]`: what each call tensor is to `route()`.
+
+    Besides its input, a routed layer takes at most a mask (bool) and a
+    routing key (integer), the two optional arguments of `route()`; so a
+    tensor's dtype says which it is.
+    """
+    names = [None]
+    for tensor in tensors[1:]:
+        dtype = keras.backend.standardize_dtype(tensor.dtype)
+        if dtype == "bool":
+            name = _mask_argument(layer)
+        elif "int" in dtype:
+            name = "routing_key"
+        else:
+            name = None
+        if name not in inspect.signature(layer.route).parameters:
+            raise ValueError(
+                f"cannot explain layer {layer.name!r}: it is called with a "
+                f"{dtype} tensor besides its input, and its `route()` takes "
+                "only a bool mask and an integer `routing_key`"
+            )
+        names.append(name)
+    return names
+
+
+def _mask_argument(layer) -> str | None:
+    """The name of the mask argument of `layer.route()`, if it has one."""
+    accepted = inspect.signature(layer.route).parameters
+    return next((n for n in ("padding_mask", "mask") if n in accepted), None)
+
+
+def _with_mask(layer, inputs, kwargs, contexts) -> dict:
+    """`kwargs` plus the mask of a sequence input, when not given.
 
     A Keras mask (e.g. from `Embedding(mask_zero=True)`) reaches a layer
-    implicitly, so it is rebuilt from the contexts (0 is padding) for a
-    sequence input.
+    implicitly, so it is rebuilt from the contexts (0 is padding).
     """
-    accepted = inspect.signature(layer.route).parameters
-    kwargs = {k: v for k, v in call_kwargs.items() if k in accepted}
-    if len(ops.shape(inputs)) == 3:
-        mask = ops.not_equal(contexts, 0)
-        for name in ("padding_mask", "mask"):
-            if name in accepted and kwargs.get(name) is None:
-                kwargs[name] = mask
-                break
-    return kwargs
+    name = _mask_argument(layer)
+    if (
+        len(ops.shape(inputs)) != 3
+        or name is None
+        or kwargs.get(name) is not None
+    ):
+        return kwargs
+    return {**kwargs, name: ops.not_equal(contexts, 0)}
 
 
 def experts_by_row(route: dict, row: int) -> list[list]:

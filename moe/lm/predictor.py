@@ -312,7 +312,10 @@ def _compiled(model, max_seq_len: int):
         concrete = call.get_concrete_function()
 
         def run(*args):
-            outputs = concrete(*[np.asarray(a, np.int32) for a in args])
+            # Tensors made here: the concrete function's own conversion of
+            # NumPy arguments takes a slower, generic path.
+            tensors = [tf.constant(np.asarray(a, np.int32)) for a in args]
+            outputs = concrete(*tensors)
             return tf.nest.map_structure(lambda t: t.numpy(), outputs)
 
         return run

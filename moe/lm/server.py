@@ -28,15 +28,17 @@ previous response on a kept-alive connection), its body within
 503. Request bodies are decoded and tokenized off the event loop, so large
 requests do not delay `/healthz`.
 
+This module wires the application (handlers, JSON errors, the serving
+loop); its parts: `server_config` (limits and batching, checked without
+aiohttp), `server_requests` (a request body -> texts, or a 4xx),
+`batcher` (`MicroBatcher`).
+
 Example:
     app = create_app(NextWordPredictor.load("saved_model"))
     asyncio.run(serve(app, "127.0.0.1", 8000))
 """
 
 import asyncio
-import collections
-import concurrent.futures
-import dataclasses
 import json
 import logging
 import signal
@@ -44,219 +46,27 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from moe.lm.batcher import MicroBatcher
 from moe.lm.bundle import ModelOutputError
+from moe.lm.server_config import ServerConfig, check_port
+from moe.lm.server_requests import RequestError, parse_predict
 from moe.lm.tokenizer import NUM_RESERVED
+
+# Also importable from here, where they are used.
+__all__ = [
+    "BATCHER", "CONFIG", "HEALTH_PATH", "METADATA_PATH", "PREDICT_PATH",
+    "MicroBatcher", "RequestError", "ServerConfig", "check_port",
+    "create_app", "model_metadata", "run", "serve", "warm_up",
+]  # fmt: skip
 
 MODEL_NAME = "moe"
 PREDICT_PATH = f"/v1/models/{MODEL_NAME}:predict"
 METADATA_PATH = f"/v1/models/{MODEL_NAME}"
 HEALTH_PATH = "/healthz"
 ROUTES = f"POST {PREDICT_PATH}, GET {METADATA_PATH}, GET {HEALTH_PATH}"
-# The most digits of a number in a request body.
-MAX_DIGITS = 18
-
 log = logging.getLogger("moe.lm.server")
 BATCHER = web.AppKey("batcher", "MicroBatcher")
 CONFIG = web.AppKey("config", "ServerConfig")
-
-
-@dataclasses.dataclass
-class ServerConfig:
-    """Limits and batching of the HTTP server.
-
-    Args:
-        max_instances: most instances in one request.
-        max_body_bytes: largest request body.
-        max_top: largest `"top"` a request may ask for.
-        max_batch: most instances in one model call; 1 disables combining
-            requests (each request is then its own call).
-        batch_wait_ms: longest a request waits for others to share its
-            model call.
-        max_pending: most predict requests in progress at once; more get
-            503 ("busy, retry").
-        header_timeout_s: longest wait for a whole request line and headers.
-        body_timeout_s: longest wait for a request body.
-    """
-
-    max_instances: int = 64
-    max_body_bytes: int = 1 << 20
-    max_top: int = 100
-    max_batch: int = 64
-    batch_wait_ms: float = 2.0
-    max_pending: int = 256
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 10.0
-
-    def __post_init__(self):
-        for name in ("max_instances", "max_body_bytes", "max_top", "max_batch",
-                     "max_pending"):  # fmt: skip
-            if getattr(self, name) < 1:
-                raise ValueError(
-                    f"`{name}` must be at least 1. Received: "
-                    f"{name}={getattr(self, name)}"
-                )
-        if not 0 <= self.batch_wait_ms <= 1000:
-            raise ValueError(
-                "`batch_wait_ms` must be between 0 and 1000. Received: "
-                f"batch_wait_ms={self.batch_wait_ms}"
-            )
-        for name in ("header_timeout_s", "body_timeout_s"):
-            if not 0 < getattr(self, name) <= 3600:
-                raise ValueError(
-                    f"`{name}` must be > 0 and at most 3600. Received: "
-                    f"{name}={getattr(self, name)}"
-                )
-
-
-def check_port(port: int) -> None:
-    """Raises `ValueError` unless `port` is a TCP port (0: any free one)."""
-    if not 0 <= port <= 65535:
-        raise ValueError(f"`port` must be 0-65535. Received: port={port}")
-
-
-class RequestError(Exception):
-    """A client error: answered with `status` and `{"error": message}`."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.message = message
-        self.status = status
-
-
-@dataclasses.dataclass
-class _Pending:
-    texts: list[str]
-    top: int
-    future: asyncio.Future
-    arrived: float
-
-
-class MicroBatcher:
-    """Runs the queries of concurrent requests in shared model calls.
-
-    A request waits at most `max_wait_s` (counted from the oldest waiting
-    request) for others to join its call, or less once `max_batch`
-    instances wait; a request's instances are never split across calls.
-    Calls run one at a time in a single worker thread, so the event loop
-    keeps accepting requests while the model runs, and requests arriving
-    meanwhile form the next call.
-
-    Args:
-        predict: `(texts, top) -> list of per-text results` (blocking), e.g.
-            `NextWordPredictor.explain`; each result's `"top"` list is cut
-            to the request's own `top`.
-        max_batch: most instances per call.
-        max_wait_s: longest wait for a call to fill.
-
-    Example:
-        batcher = MicroBatcher(predictor.explain, 64, 0.002)
-        batcher.start()
-        results = await batcher.submit(["how are"], top=3)
-        await batcher.stop()
-    """
-
-    def __init__(self, predict: Callable, max_batch: int, max_wait_s: float):
-        self.predict = predict
-        self.max_batch = max_batch
-        self.max_wait_s = max_wait_s
-        self.requests = 0
-        self.instances = 0
-        self.model_calls = 0
-        self._pending: collections.deque[_Pending] = collections.deque()
-        self._wakeup: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-
-    def start(self) -> None:
-        """Starts the batching task (inside the running event loop)."""
-        self._wakeup = asyncio.Event()
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="moe-predict"
-        )
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        """Stops the task; requests still waiting get an error."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        for pending in self._pending:
-            if not pending.future.done():
-                pending.future.set_exception(RuntimeError("server stopping"))
-        self._pending.clear()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-
-    async def submit(self, texts: list[str], top: int) -> list[dict]:
-        """The results of `texts`, computed in a shared model call."""
-        future = asyncio.get_running_loop().create_future()
-        loop_time = asyncio.get_running_loop().time()
-        self._pending.append(_Pending(texts, top, future, loop_time))
-        self.requests += 1
-        self.instances += len(texts)
-        self._wakeup.set()
-        return await future
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._wakeup.wait()
-            if not self._pending:
-                self._wakeup.clear()
-                continue
-            # Wait for company, bounded from the oldest request's arrival.
-            deadline = self._pending[0].arrived + self.max_wait_s
-            while self._waiting_instances() < self.max_batch:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
-                except asyncio.TimeoutError:
-                    break
-            batch = self._take_batch()
-            if not self._pending:
-                self._wakeup.clear()
-            await self._compute(loop, batch)
-
-    def _waiting_instances(self) -> int:
-        return sum(len(p.texts) for p in self._pending)
-
-    def _take_batch(self) -> list[_Pending]:
-        batch = [self._pending.popleft()]  # always at least one request
-        size = len(batch[0].texts)
-        while self._pending and size + len(self._pending[0].texts) <= (
-            self.max_batch
-        ):
-            batch.append(self._pending.popleft())
-            size += len(batch[-1].texts)
-        return batch
-
-    async def _compute(self, loop, batch: list[_Pending]) -> None:
-        texts = [text for pending in batch for text in pending.texts]
-        top = max(pending.top for pending in batch)
-        self.model_calls += 1
-        try:
-            results = await loop.run_in_executor(
-                self._executor, self.predict, texts, top
-            )
-        except Exception as e:  # a bug: every request of the call gets it
-            for pending in batch:
-                if not pending.future.done():
-                    pending.future.set_exception(e)
-            return
-        start = 0
-        for pending in batch:
-            rows = results[start : start + len(pending.texts)]
-            start += len(pending.texts)
-            if pending.top < top:
-                rows = [{**r, "top": r["top"][: pending.top]} for r in rows]
-            if not pending.future.done():  # not given up by the client
-                pending.future.set_result(rows)
 
 
 def create_app(
@@ -299,7 +109,7 @@ def create_app(
             # Decoding and tokenizing a large body takes a while: off the
             # event loop, in the loop's default thread pool.
             texts, top = await asyncio.get_running_loop().run_in_executor(
-                None, _parse_predict, body, predictor, config, max_top
+                None, parse_predict, body, predictor, config, max_top
             )
             predictions = await batcher.submit(texts, top)
         finally:
@@ -399,96 +209,6 @@ async def _read_body(request: web.Request, timeout_s: float) -> bytes:
         raise RequestError(
             f"the body did not arrive within {timeout_s:g} s", status=408
         ) from None
-
-
-def _decode_json(body: bytes):
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise RequestError(
-            f"the body is not UTF-8 (bad byte at {e.start})"
-        ) from None
-    try:
-        return json.loads(
-            text, parse_constant=_reject_constant, parse_int=_parse_int
-        )
-    except json.JSONDecodeError as e:
-        raise RequestError(f"the body is not valid JSON: {e}") from None
-    except RecursionError:
-        raise RequestError("the body's JSON is nested too deeply") from None
-
-
-def _parse_int(digits: str) -> int:
-    # Python refuses to convert more than 4300 digits (a ValueError); no
-    # field here needs more than a few.
-    if len(digits.lstrip("-")) > MAX_DIGITS:
-        raise RequestError(
-            f"the body has a number of {len(digits)} digits; numbers here "
-            f"have at most {MAX_DIGITS}"
-        )
-    return int(digits)
-
-
-def _reject_constant(name: str):
-    raise RequestError(f"the body is not valid JSON: {name} is not allowed")
-
-
-def _parse_predict(body, predictor, config, max_top) -> tuple[list, int]:
-    """`(texts, top)` of a predict request body; `RequestError` if invalid."""
-    body = _decode_json(body)
-    if not isinstance(body, dict):
-        raise RequestError(
-            'the body must be a JSON object such as {"instances": ["how are"]}'
-        )
-    unknown = sorted(set(body) - {"instances", "top"})
-    if unknown:
-        raise RequestError(
-            f"unknown field {unknown[0]!r}; allowed: instances, top"
-        )
-    if "instances" not in body:
-        raise RequestError('missing "instances": a list of texts')
-    texts = body["instances"]
-    if not isinstance(texts, list):
-        raise RequestError(
-            f'"instances" must be a list of texts, not {_json_type(texts)}'
-        )
-    if not texts:
-        raise RequestError('"instances" is empty: give at least one text')
-    if len(texts) > config.max_instances:
-        raise RequestError(
-            f"too many instances: {len(texts)} > {config.max_instances}; "
-            "split the request",
-            status=413,
-        )
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise RequestError(
-                f"instances[{i}] must be a string, not {_json_type(text)}"
-            )
-        if not predictor.tokenizer.encode(text):
-            raise RequestError(f"instances[{i}] has no words: {text[:50]!r}")
-    top = body.get("top", 1)
-    if isinstance(top, bool) or not isinstance(top, int):
-        raise RequestError(f'"top" must be an integer, not {_json_type(top)}')
-    if not 1 <= top <= max_top:
-        raise RequestError(
-            f'"top" must be between 1 and {max_top}. Received: {top}'
-        )
-    return texts, top
-
-
-def _json_type(value) -> str:
-    """How a decoded JSON value is called in error messages."""
-    names = {
-        dict: "an object",
-        list: "a list",
-        str: "a string",
-        bool: "a boolean",
-        int: "a number",
-        float: "a number",
-        type(None): "null",
-    }
-    return names.get(type(value), type(value).__name__)
 
 
 def _json(data, status: int = 200, headers=None) -> web.Response:
