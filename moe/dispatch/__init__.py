@@ -54,6 +54,7 @@ from moe.dispatch.pairs import (
 from moe.dispatch.sparse import (
     DISPATCH_MODES,
     sparse_dispatch,
+    use_grouped_layout,
     use_static_layout,
 )
 from moe.dispatch.static import (
@@ -81,5 +82,6 @@ __all__ = [
     "soft_dispatch",
     "sparse_dispatch",
     "static_dim",
+    "use_grouped_layout",
     "use_static_layout",
 ]
