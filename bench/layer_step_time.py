@@ -346,6 +346,7 @@ def main(argv=None):
                     "top_k": top_k,
                     "experts": args.experts,
                     "capacity_factor": args.capacity_factor,
+                    "dispatch": args.dispatch,
                     "repeats": repeats,
                     "tf_cpu_allocator": allocator,
                     "results": results,
