@@ -191,3 +191,15 @@ def test_layouts_on_other_backend(backend):
         "not other_backend",
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+
+
+def test_grouped_under_xla_is_refused_on_tensorflow():
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("TensorFlow only: JAX and PyTorch have grouped matmuls")
+    import tensorflow as tf
+
+    layer = moe.MoELayer(NUM_EXPERTS, HIDDEN, dispatch="grouped")
+    x = np.ones((NUM_TOKENS, DIM), "float32")
+    layer(x)
+    with pytest.raises(ValueError, match="needs a grouped matmul"):
+        tf.function(layer, jit_compile=True)(x)
