@@ -93,8 +93,10 @@ def _value_and_grads(fn, args):
     if backend == "jax":
         import jax
 
-        out = fn(*args)
-        grads = jax.grad(lambda *a: fn(*a).sum(), range(len(args)))(*args)
+        # Under `jit`, as training runs: every shape must be static.
+        out = jax.jit(fn)(*args)
+        loss = jax.jit(jax.grad(lambda *a: fn(*a).sum(), range(len(args))))
+        grads = loss(*args)
         return np.asarray(out), [np.asarray(g) for g in grads]
     import torch
 

@@ -31,8 +31,10 @@ def grouped_dispatch(tokens, pair_experts, pair_weights, experts, expert_fn):
     routed = ops.less(sorted_experts, num_experts)
     weights = ops.where(routed, ops.take(pair_weights, order), 0.0)
     row_experts = ops.minimum(sorted_experts, num_experts - 1)
-    group_sizes = ops.bincount(row_experts, minlength=num_experts)
-    group_sizes = ops.cast(group_sizes, "int32")
+    # A segment sum, not `bincount`: its length is static under `jit`.
+    group_sizes = ops.segment_sum(
+        ops.ones_like(row_experts), row_experts, num_segments=num_experts
+    )
 
     def affine(x, kernel, bias):
         y = backend.grouped_matmul(x, kernel, group_sizes)
