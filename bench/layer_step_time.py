@@ -20,15 +20,16 @@ Usage:
     python bench/layer_step_time.py --scaling  # E = 8, 16, 32, 64, top-2
 
 `--scaling` times MoELayer alone at E = 8, 16, 32, 64 (top-2, 4096 tokens
-as (4096, 256), hidden 1024), with parameters; target (issue #5): E=64
-<= 1.3x the step time of E=8. At E = 64 each stacked expert kernel's
+as (4096, 256), hidden 1024), with parameters; target (issues #5, #16):
+E=64 <= 1.3x the step time of E=8. At E = 64 each stacked expert kernel's
 gradient is a 64 MiB tensor. TensorFlow's default CPU allocator is glibc's
 malloc, which maps every allocation over 32 MiB fresh from the kernel and
 unmaps it when freed, so each step page-faults those buffers again; its
 BFC allocator (`TF_CPU_ALLOCATOR_USE_BFC=true`, read when TensorFlow
-starts) keeps and reuses them. The header line says which allocator ran;
-`cpu ms` is the process CPU time, steadier than wall time on a shared
-machine.
+starts) keeps and reuses them. Like `model.py`, this script chooses BFC
+unless the environment sets the variable; `--malloc` runs glibc's malloc
+instead, to compare. The header line says which allocator ran; `cpu ms` is
+the process CPU time, steadier than wall time on a shared machine.
 """
 
 import argparse
@@ -42,12 +43,24 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+
+def choose_allocator(argv):
+    """TensorFlow's CPU allocator, set before TensorFlow loads: BFC unless
+    the environment chose, glibc malloc with `--malloc`."""
+    if "--malloc" in argv:
+        os.environ["TF_CPU_ALLOCATOR_USE_BFC"] = "false"
+    else:
+        os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
+
+
+choose_allocator(sys.argv[1:])
+
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import moe  # noqa: E402
+from moe.dispatch import DISPATCH_MODES  # noqa: E402
 
 
 class AllExpertsTopK(keras.layers.Layer):
@@ -164,6 +177,7 @@ def run_shape(
     repeats,
     include_dense,
     capacity_factor=None,
+    dispatch="auto",
 ):
     keras.utils.set_random_seed(0)
     x = ops.convert_to_tensor(
@@ -177,6 +191,7 @@ def run_shape(
             hidden,
             top_k=top_k,
             capacity_factor=capacity_factor,
+            dispatch=dispatch,
             aux_loss_weight=0,
             z_loss_weight=0,
         )
@@ -222,6 +237,18 @@ def main(argv=None):
         default=None,
         help="MoELayer capacity factor (default: dropless)",
     )
+    parser.add_argument(
+        "--malloc",
+        action="store_true",
+        help="TensorFlow CPU allocator: glibc malloc instead of BFC (read "
+        "when the script starts, before TensorFlow loads)",
+    )
+    parser.add_argument(
+        "--dispatch",
+        default="auto",
+        choices=DISPATCH_MODES,
+        help="MoELayer dispatch layout (default: auto)",
+    )
     parser.add_argument("--json", type=Path, help="write results here")
     args = parser.parse_args(argv)
 
@@ -247,7 +274,7 @@ def main(argv=None):
     print(
         f"# backend={backend} mode={mode} tokens={tokens} d={d} "
         f"hidden={hidden} top_k={top_k} experts={args.experts} "
-        f"capacity_factor={args.capacity_factor} "
+        f"capacity_factor={args.capacity_factor} dispatch={args.dispatch} "
         f"median of {repeats} interleaved steps (forward + backward); "
         f"{platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores; TensorFlow CPU allocator: {allocator}"
@@ -263,6 +290,7 @@ def main(argv=None):
             repeats,
             include_dense=not args.scaling,
             capacity_factor=args.capacity_factor,
+            dispatch=args.dispatch,
         )
         moe_name = f"moe_top{top_k}_E{args.experts[0]}"
         base = moe_name if args.scaling else "dense_ffn"
@@ -318,6 +346,7 @@ def main(argv=None):
                     "top_k": top_k,
                     "experts": args.experts,
                     "capacity_factor": args.capacity_factor,
+                    "dispatch": args.dispatch,
                     "repeats": repeats,
                     "tf_cpu_allocator": allocator,
                     "results": results,

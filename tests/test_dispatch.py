@@ -1,0 +1,207 @@
+"""Every token-choice dispatch layout against a NumPy per-token loop.
+
+The layouts (`moe.dispatch`) must compute one function: each routed
+(token, expert) pair within capacity adds `weight * expert(token)`, nothing
+else. Outputs and gradients (tokens, combine weights, every expert weight)
+are compared with a plain loop; the other backends rerun this file in a
+subprocess.
+"""
+
+import importlib.util
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import moe
+from moe import dispatch
+from tests.conftest import REPO_ROOT, run_pytest_on_backend
+
+LAYOUTS = ("dynamic", "static", "grouped")
+NUM_TOKENS, DIM, HIDDEN, NUM_EXPERTS, TOP_K = 24, 8, 12, 4, 2
+
+
+def _routing(rng, unused_expert=None, masked=True):
+    experts = [e for e in range(NUM_EXPERTS) if e != unused_expert]
+    indices = np.stack(
+        [rng.choice(experts, TOP_K, replace=False) for _ in range(NUM_TOKENS)]
+    ).astype("int32")
+    weights = rng.uniform(0.1, 1.0, (NUM_TOKENS, TOP_K)).astype("float32")
+    mask = rng.uniform(size=NUM_TOKENS) > 0.2 if masked else None
+    return indices, weights, mask
+
+
+def _kept(indices, mask, capacity_factor):
+    # GShard's priority: first choices before second, earlier tokens first.
+    kept = np.ones(indices.shape, bool) if mask is None else mask[:, None]
+    kept = np.broadcast_to(kept, indices.shape).copy()
+    if capacity_factor is None:
+        return kept
+    capacity = dispatch.expert_capacity(
+        NUM_TOKENS, TOP_K, NUM_EXPERTS, capacity_factor
+    )
+    used = np.zeros(NUM_EXPERTS, int)
+    for slot in range(TOP_K):
+        for t in range(NUM_TOKENS):
+            if kept[t, slot]:
+                e = indices[t, slot]
+                kept[t, slot] = used[e] < capacity
+                used[e] += 1
+    return kept
+
+
+def _reference(x, indices, weights, kept, params, upstream):
+    """Outputs and gradients of `sum(outputs * upstream)`, token by token."""
+    w1, b1, w2, b2 = params
+    out = np.zeros((NUM_TOKENS, DIM))
+    grads = [np.zeros_like(x), np.zeros_like(weights)]
+    grads += [np.zeros_like(p) for p in params]
+    for t in range(NUM_TOKENS):
+        for j in range(TOP_K):
+            if not kept[t, j]:
+                continue
+            e = indices[t, j]
+            pre = x[t] @ w1[e] + b1[e]
+            hidden = np.maximum(pre, 0)
+            y = hidden @ w2[e] + b2[e]
+            out[t] += weights[t, j] * y
+            g = weights[t, j] * upstream[t]  # d loss / d y
+            grads[1][t, j] += y @ upstream[t]
+            grads[4][e] += np.outer(hidden, g)
+            grads[5][e] += g
+            dpre = (g @ w2[e].T) * (pre > 0)
+            grads[2][e] += np.outer(x[t], dpre)
+            grads[3][e] += dpre
+            grads[0][t] += dpre @ w1[e].T
+    return out, grads
+
+
+def _value_and_grads(fn, args):
+    """`fn(*args)` and the gradients of `sum(fn(*args))` on any backend."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        args = [tf.constant(a) for a in args]
+        with tf.GradientTape() as tape:
+            tape.watch(args)
+            out = fn(*args)
+            loss = tf.reduce_sum(out)
+        grads = tape.gradient(loss, args)
+        return out.numpy(), [tf.convert_to_tensor(g).numpy() for g in grads]
+    if backend == "jax":
+        import jax
+
+        # Under `jit`, as training runs: every shape must be static.
+        out = jax.jit(fn)(*args)
+        loss = jax.jit(jax.grad(lambda *a: fn(*a).sum(), range(len(args))))
+        grads = loss(*args)
+        return np.asarray(out), [np.asarray(g) for g in grads]
+    import torch
+
+    args = [torch.tensor(a, requires_grad=True) for a in args]
+    out = fn(*args)
+    out.sum().backward()
+    return out.detach().numpy(), [a.grad.numpy() for a in args]
+
+
+def _experts():
+    layer = moe.Experts(NUM_EXPERTS, HIDDEN, bias_initializer="he_normal")
+    layer.build((None, DIM))
+    return layer
+
+
+def _dispatch(layer, indices, mask, layout, capacity_factor, upstream):
+    def fn(x, weights, *params):
+        out, _ = dispatch.sparse_dispatch(
+            x,
+            ops.convert_to_tensor(indices),
+            weights,
+            None if mask is None else ops.convert_to_tensor(mask),
+            list(params),
+            layer.expert_fn,
+            capacity_factor=capacity_factor,
+            mode=layout,
+        )
+        return out * ops.convert_to_tensor(upstream)
+
+    return fn
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.6])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layout_matches_per_token_loop(layout, capacity_factor):
+    if layout == "dynamic" and keras.backend.backend() == "jax":
+        pytest.skip("JAX differentiates by tracing: static shapes only")
+    rng = np.random.default_rng(3)
+    layer = _experts()
+    params = [ops.convert_to_numpy(p) for p in layer.stacked_weights]
+    x = rng.normal(size=(NUM_TOKENS, DIM)).astype("float32")
+    indices, weights, mask = _routing(rng)
+    upstream = rng.normal(size=(NUM_TOKENS, DIM)).astype("float32")
+    kept = _kept(indices, mask, capacity_factor)
+    if capacity_factor is not None:
+        assert 0 < kept.sum() < (mask[:, None] & np.ones_like(kept)).sum()
+    fn = _dispatch(layer, indices, mask, layout, capacity_factor, upstream)
+    out, grads = _value_and_grads(fn, [x, weights, *params])
+    ref_out, ref_grads = _reference(x, indices, weights, kept, params, upstream)
+    np.testing.assert_allclose(out, ref_out * upstream, rtol=1e-4, atol=1e-5)
+    names = ["tokens", "weights", "in_kernel", "in_bias", "out_kernel"]
+    for name, grad, ref in zip(names + ["out_bias"], grads, ref_grads):
+        np.testing.assert_allclose(
+            grad, ref, rtol=1e-4, atol=1e-5, err_msg=name
+        )
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_unselected_expert_changes_nothing(layout):
+    rng = np.random.default_rng(5)
+    layer = _experts()
+    params = [ops.convert_to_numpy(p) for p in layer.stacked_weights]
+    x = rng.normal(size=(NUM_TOKENS, DIM)).astype("float32")
+    indices, weights, _ = _routing(rng, unused_expert=1, masked=False)
+    upstream = np.ones((NUM_TOKENS, DIM), "float32")
+    fn = _dispatch(layer, indices, None, layout, None, upstream)
+    out = ops.convert_to_numpy(fn(x, weights, *params))
+    perturbed = [p.copy() for p in params]
+    for p in perturbed:
+        p[1] += 1e3
+    out_perturbed = ops.convert_to_numpy(fn(x, weights, *perturbed))
+    np.testing.assert_array_equal(out, out_perturbed)
+
+
+def test_auto_keeps_the_cpu_layouts_on_cpu():
+    tokens = ops.zeros((4, DIM))
+    assert not dispatch.use_grouped_layout(tokens, "auto")
+    assert dispatch.use_grouped_layout(tokens, "grouped")
+
+
+OTHER_BACKENDS = [
+    b for b in ("tensorflow", "jax", "torch") if b != keras.backend.backend()
+]
+
+
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+def test_layouts_on_other_backend(backend):
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed")
+    result = run_pytest_on_backend(
+        backend,
+        str(REPO_ROOT / "tests" / "test_dispatch.py"),
+        "-k",
+        "not other_backend",
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+
+
+def test_grouped_under_xla_is_refused_on_tensorflow():
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("TensorFlow only: JAX and PyTorch have grouped matmuls")
+    import tensorflow as tf
+
+    layer = moe.MoELayer(NUM_EXPERTS, HIDDEN, dispatch="grouped")
+    x = np.ones((NUM_TOKENS, DIM), "float32")
+    layer(x)
+    with pytest.raises(ValueError, match="needs a grouped matmul"):
+        tf.function(layer, jit_compile=True)(x)
