@@ -32,7 +32,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from serving_latency import (  # noqa: E402  (bench/ is sys.path[0])
+from serving_latency import (  # noqa: E402  (a sibling script)
     QUERIES,
     batched_throughput,
     train_bundle,
