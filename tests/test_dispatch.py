@@ -16,7 +16,7 @@ from keras import ops
 
 import moe
 from moe import dispatch
-from tests.conftest import REPO_ROOT, run_pytest_on_backend
+from conftest import REPO_ROOT, run_pytest_on_backend
 
 LAYOUTS = ("dynamic", "static", "grouped")
 NUM_TOKENS, DIM, HIDDEN, NUM_EXPERTS, TOP_K = 24, 8, 12, 4, 2
