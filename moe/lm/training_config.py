@@ -42,6 +42,15 @@ class TrainingConfig:
         metavar="PATH",
     )
     encoding: str = setting("utf-8", "text encoding of the corpus files")
+    # Held-out data (moe.lm.book_split makes whole-book splits).
+    validation_corpus: list[str] | None = setting(
+        None,
+        "text files held out for validation, whole (default: the last "
+        "--validation-split of the corpus); the vocabulary comes from "
+        "--corpus alone",
+        nargs="+",
+        metavar="PATH",
+    )
     epochs: int = setting(
         40, "most passes over the training data (early stopping may end sooner)"
     )
@@ -267,7 +276,7 @@ def validate(config: TrainingConfig) -> None:
         raise ConfigError(str(e)) from None
     _check_tensorboard(config.tensorboard)
     output = bundle.check_output(config.output)
-    for path in config.corpus or ():
+    for path in (config.corpus or []) + (config.validation_corpus or []):
         if Path(os.path.realpath(path)).is_relative_to(output):
             _fail("corpus", f"must not be inside `output` ({config.output}): "
                   "the new bundle replaces that folder", path)  # fmt: skip
