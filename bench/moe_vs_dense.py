@@ -149,25 +149,33 @@ def plot(rows, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def _mean_std(values) -> str:
+    std = np.std(values, ddof=1) if len(values) > 1 else 0.0
+    return f"{np.mean(values):.3f} ± {std:.3f}"
+
+
 def table(rows) -> str:
-    out = ["| experts | runs | steps | train s | val ppl | val top-1 | "
-           "test ppl | test top-1 |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    """Markdown: mean ± sample std over the seeds, per expert count."""
+    out = [
+        "| experts | runs | steps | train s | val ppl | val top-1 | "
+        "test ppl | test top-1 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     by_experts = {}
     for r in rows:
         by_experts.setdefault(r["experts"], []).append(r)
     for e in sorted(by_experts):
         rs = by_experts[e]
-
-        def stat(part, key):
-            v = [r[part][key] for r in rs]
-            return f"{np.mean(v):.3f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.3f}"
-
+        cells = [
+            _mean_std([r[part][key] for r in rs])
+            for part in ("validation", "test")
+            for key in ("perplexity", "accuracy")
+        ]
+        seconds = np.mean([r["train_seconds"] for r in rs])
         out.append(
-            f"| {e} | {len(rs)} | {rs[0]['steps']} | "
-            f"{np.mean([r['train_seconds'] for r in rs]):.0f} | "
-            f"{stat('validation', 'perplexity')} | "
-            f"{stat('validation', 'accuracy')} | "
-            f"{stat('test', 'perplexity')} | {stat('test', 'accuracy')} |"
+            f"| {e} | {len(rs)} | {rs[0]['steps']} | {seconds:.0f} | "
+            + " | ".join(cells)
+            + " |"
         )
     return "\n".join(out)
 
