@@ -123,7 +123,8 @@ def recipe_callback(config, total_steps: int):
             self._swap_raw_back()
 
         def on_train_batch_end(self, batch, logs=None):
-            self.steps = int(self.model.optimizer.iterations)
+            # `.numpy()`: under a strategy the count is a MirroredVariable.
+            self.steps = int(self.model.optimizer.iterations.numpy())
             elapsed = time.perf_counter() - self._started
             if (config.max_steps and self.steps >= config.max_steps) or (
                 self.seconds and elapsed >= self.seconds
