@@ -23,7 +23,16 @@ training when the time spent in training steps passes the budget
 counted). Every model trains
 with `--seed`, so a rerun differs only by how many steps fit in the time.
 
+- `kn3`, `kn4`, `kn5`: interpolated modified Kneser-Ney of order 3 to 5
+  (`moe.lm.baselines.KneserNey`), with perplexity.
+
+With `--books DIR` the split is by whole book (`moe.lm.book_split`): the
+vocabulary and counts come from the training books, and the count
+baselines are scored on every target of the validation book and of the
+test book; the neural models of that split are `bench/moe_vs_dense.py`'s.
+
 Usage:
+    python bench/quality.py --books ../shared/corpora/sherlock --json x.json
     python bench/quality.py                   # ~2 min on 2 CPU cores
     python bench/quality.py --quick           # 15 s per model, ~2 min
     python bench/quality.py --seconds 120 --json /tmp/quality.json
@@ -47,9 +56,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from moe.lm import cli, training  # noqa: E402
-from moe.lm.data import contexts  # noqa: E402
-from moe.lm.tokenizer import NUM_RESERVED  # noqa: E402
+from moe.lm import book_split, cli, corpus, training  # noqa: E402
+from moe.lm.baselines import KneserNey, ngram_baseline  # noqa: E402
 
 DEFAULT_CORPUS = REPO_ROOT.parent / "shared" / "corpora" / "alice.txt"
 # The dense control's one-expert router: its softmax over one logit is 1 on
@@ -90,57 +98,6 @@ class TrainingTimeBudget(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         if epoch > 0:
             self._since = time.perf_counter()
-
-
-def ngram_baseline(tokens, starts, train_pos, val_pos, order) -> dict:
-    """Top-1 / top-5 held-out accuracy of an n-gram count model with backoff.
-
-    The context is the `order - 1` previous words of the sentence (padding
-    before its start, so "sentence start" is a context of its own). The
-    ranking is the followers of the longest context seen in training, by
-    count, then those of the next shorter context, and so on, then every
-    word by unigram count; ties go to the more frequent word (then the
-    lower id). Padding and out-of-vocabulary are never predicted.
-    `order=2` is the bigram model.
-    """
-    tokens = np.asarray(tokens)
-    starts = np.asarray(starts)
-    context_len = order - 1
-
-    def context_rows(positions):
-        return np.asarray(
-            contexts(tokens, positions, starts[positions], context_len)
-        )
-
-    unigram = np.bincount(tokens[train_pos], minlength=NUM_RESERVED)
-    by_frequency = [
-        int(w) for w in np.argsort(-unigram, kind="stable")
-        if w >= NUM_RESERVED
-    ][:5]  # fmt: skip
-    followers = {}  # context suffix (shorter ones too) -> {word: count}
-    for row, word in zip(context_rows(train_pos), tokens[train_pos]):
-        if word < NUM_RESERVED:
-            continue
-        for n in range(1, context_len + 1):
-            counts = followers.setdefault(tuple(row[-n:]), {})
-            counts[int(word)] = counts.get(int(word), 0) + 1
-    hits = np.zeros((len(val_pos), 5), bool)
-    for i, (row, target) in enumerate(
-        zip(context_rows(val_pos), tokens[val_pos])
-    ):
-        ranking = []
-        for n in range(context_len, 0, -1):  # longest context first
-            counts = followers.get(tuple(row[-n:]), {})
-            ranked = sorted(counts, key=lambda w: (-counts[w], -unigram[w], w))
-            ranking += [w for w in ranked if w not in ranking]
-            if len(ranking) >= 5:
-                break
-        ranking += [w for w in by_frequency if w not in ranking]
-        hits[i] = np.asarray(ranking[:5]) == target
-    return {
-        "accuracy": float(hits[:, 0].mean()),
-        "top5_accuracy": float(hits.any(axis=1).mean()),
-    }
 
 
 def contender_flags(transformer_flags: list[str]) -> dict[str, list[str]]:
@@ -232,7 +189,15 @@ def main(argv=None):
         "--only", nargs="+", help="contenders to run (default: all)"
     )
     parser.add_argument("--json", type=Path, help="write results here")
+    parser.add_argument(
+        "--books", type=Path,
+        help="a folder of books: count baselines on a whole-book split",
+    )  # fmt: skip
+    parser.add_argument("--validate-book", default="his_last_bow")
+    parser.add_argument("--test-book", default="the_hound_of_the_baskervilles")
     args = parser.parse_args(argv)
+    if args.books:
+        return book_baselines(args)
     if args.quick:
         args.seconds = 15.0
     if not args.corpus.is_file():
@@ -260,6 +225,16 @@ def main(argv=None):
                 "flags": None,
                 **ngram_baseline(tokens, starts, train_pos, val_pos, order),
             }
+            _print_row(name, results[name])
+    for order in (3, 4, 5):
+        name = f"kn{order}"
+        if not args.only or name in args.only:
+            kn = KneserNey(
+                tokens, starts, train_pos, order, tokenizer.vocab_size
+            )
+            results[name] = {
+                "flags": None, **kn.evaluate(tokens, starts, val_pos)
+            }  # fmt: skip
             _print_row(name, results[name])
     flags = contender_flags(shlex.split(args.transformer_flags))
     with tempfile.TemporaryDirectory(prefix="quality-") as workdir:
@@ -300,14 +275,76 @@ def main(argv=None):
         )
 
 
+def book_baselines(args) -> None:
+    """The count baselines on a whole-book split, validation and test."""
+    split = book_split.split_books(
+        args.books, args.validate_book, args.test_book
+    )
+    config = cli.parse_training_args(
+        ["--corpus", *map(str, split.train),
+         "--validation-corpus", str(split.validate)]
+    )  # fmt: skip
+    data = training.prepare_data(config, training.load_corpus(config))
+    # The test book appended as a stream of its own, same vocabulary.
+    test_tokens, test_starts = corpus.token_stream(
+        data.tokenizer, [corpus.read_text(split.test)]
+    )
+    tokens = np.concatenate([data.tokens, test_tokens])
+    starts = np.concatenate([data.starts, test_starts + len(data.tokens)])
+    test_pos = corpus.pair_positions(test_starts) + len(data.tokens)
+    held_out = {"validation": data.val_positions, "test": test_pos}
+    print(
+        f"{len(split.train)} training books, {len(data.train_positions)} "
+        f"targets; validation {split.validate.name} "
+        f"{len(data.val_positions)}, test {split.test.name} "
+        f"{len(test_pos)}; vocabulary {data.tokenizer.vocab_size}",
+        flush=True,
+    )
+    results = {}
+    for name, order in (("bigram", 2), ("trigram", 3)):
+        results[name] = {
+            part: ngram_baseline(
+                tokens, starts, data.train_positions, positions, order
+            )
+            for part, positions in held_out.items()
+        }
+        print(name, results[name], flush=True)
+    for order in (3, 4):  # 5 gives no more than 4 here (bench/README.md)
+        kn = KneserNey(
+            tokens, starts, data.train_positions, order,
+            data.tokenizer.vocab_size,
+        )  # fmt: skip
+        results[f"kn{order}"] = {
+            part: kn.evaluate(tokens, starts, positions)
+            for part, positions in held_out.items()
+        }
+        print(f"kn{order}", results[f"kn{order}"], flush=True)
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "books": str(args.books),
+                    "train": [p.name for p in split.train],
+                    "validate": split.validate.name,
+                    "test": split.test.name,
+                    "vocab_size": data.tokenizer.vocab_size,
+                    "results": results,
+                },
+                indent=2,
+            )
+        )
+
+
 def _print_row(name, result):
     line = (
         f"{name}: top-1 {result['accuracy']:.3f}, "
         f"top-5 {result['top5_accuracy']:.3f}"
     )
+    if "perplexity" in result:
+        line += f", perplexity {result['perplexity']:.1f}"
     if "steps" in result:
         line += (
-            f", perplexity {result['perplexity']:.1f}, {result['steps']} "
+            f", {result['steps']} "
             f"steps / {result['epochs']} epochs in "
             f"{result['train_seconds']:.0f} s"
         )
@@ -326,7 +363,8 @@ def markdown_table(results) -> str:
             steps = f"{r['steps']} ({r['epochs']})"
             perplexity = f"{r['perplexity']:.1f}"
         else:
-            params = steps = perplexity = "-"
+            params = steps = "-"
+            perplexity = f"{r['perplexity']:.1f}" if "perplexity" in r else "-"
         rows.append(
             f"| {name} | {params} | {steps} | {r['accuracy']:.3f} | "
             f"{r['top5_accuracy']:.3f} | {perplexity} |"

@@ -12,11 +12,11 @@ import importlib.util
 import keras
 import numpy as np
 import pytest
+from conftest import REPO_ROOT, run_pytest_on_backend
 from keras import ops
 
 import moe
 from moe import dispatch
-from conftest import REPO_ROOT, run_pytest_on_backend
 
 LAYOUTS = ("dynamic", "static", "grouped")
 NUM_TOKENS, DIM, HIDDEN, NUM_EXPERTS, TOP_K = 24, 8, 12, 4, 2

@@ -103,3 +103,25 @@ def test_trigram_uses_the_second_word_back(quality):
     trigram = quality.ngram_baseline(tokens, starts, train_pos, val_pos, 3)
     assert trigram["accuracy"] == 1.0
     assert bigram["accuracy"] == 0.75  # a->b, c->b right; one of x / y wrong
+
+
+def test_book_baselines_score_validation_and_test(quality, tmp_path):
+    import json
+
+    from conftest import LM_TINY_SENTENCES
+
+    books = tmp_path / "books"
+    books.mkdir()
+    for i, name in enumerate(["a", "b", "c"]):
+        lines = LM_TINY_SENTENCES[i:] + LM_TINY_SENTENCES[:i]
+        (books / f"{name}.txt").write_text("\n".join(lines * 4) + "\n")
+    out = tmp_path / "books.json"
+    quality.main(["--books", str(books), "--validate-book", "b",
+                  "--test-book", "c", "--json", str(out)])  # fmt: skip
+    report = json.loads(out.read_text())
+    assert (report["validate"], report["test"]) == ("b.txt", "c.txt")
+    assert set(report["results"]) == {"bigram", "trigram", "kn3", "kn4"}
+    for part in ("validation", "test"):
+        kn = report["results"]["kn3"][part]
+        assert 1 < kn["perplexity"] < report["vocab_size"]
+        assert 0 <= kn["accuracy"] <= kn["top5_accuracy"] <= 1

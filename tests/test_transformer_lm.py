@@ -29,7 +29,7 @@ def test_max_seq_len_defaults_per_architecture():
     assert with_defaults(TrainingConfig()).train_positions == "last"
     assert with_defaults(transformer).train_positions == "all"
     assert with_defaults(TrainingConfig()).learning_rate == 3e-3
-    assert with_defaults(transformer).learning_rate == 1e-3
+    assert with_defaults(transformer).learning_rate == 2e-3
 
 
 @pytest.mark.parametrize(

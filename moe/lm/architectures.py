@@ -30,19 +30,30 @@ class ArchitectureDefaults:
         train_positions: `"all"`: a causal Transformer learns the next word
             at every position of a window in one step; `"last"`: one
             prediction per context (the pooled trunk has no other).
-        learning_rate: Adam's learning rate (`bench/quality.py` compares
-            them; see bench/README.md).
+        learning_rate: the (peak) learning rate.
+        optimizer, weight_decay, clip_norm, warmup_steps, lr_schedule, ema:
+            the optimiser recipe (`moe.lm.recipe`), chosen by measurement
+            (bench/README.md, "quality.py").
     """
 
     max_seq_len: int
     train_positions: str
     learning_rate: float
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    clip_norm: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    ema: float = 0.0
 
 
 ARCHITECTURES = {
     "pooled": ArchitectureDefaults(1, "last", 3e-3),
-    "transformer": ArchitectureDefaults(8, "all", 1e-3),
-}
+    "transformer": ArchitectureDefaults(
+        8, "all", 2e-3, optimizer="adamw", weight_decay=0.1, clip_norm=1.0,
+        warmup_steps=200, lr_schedule="cosine", ema=0.999,
+    ),
+}  # fmt: skip
 TRAIN_POSITIONS = ("all", "last")
 # The longest context a model takes, in words. The Transformer's attention
 # grows with its square, and a window dataset's epoch cuts windows at every
@@ -208,8 +219,9 @@ def compile_model(
     learning_rate: float,
     steps_per_execution: int = 1,
     jit_compile: bool | str = "auto",
+    optimizer=None,
 ) -> None:
-    """Adam, sparse cross-entropy and the next-word metrics.
+    """Adam (or `optimizer`), sparse cross-entropy and the next-word metrics.
 
     Works for `(context, next word)` pairs and for weighted windows
     (`data.make_window_dataset` with `every_position_model`, whose output
@@ -226,6 +238,8 @@ def compile_model(
         jit_compile: XLA-compile the train step (`keras.Model.compile`).
             `"auto"` (Keras's rule) leaves XLA off on CPU-only TensorFlow
             and under `tf.distribute`.
+        optimizer: a Keras optimizer to use instead of
+            `Adam(learning_rate)` (`moe.lm.recipe.make_optimizer`).
     """
     import keras
 
@@ -237,7 +251,7 @@ def compile_model(
     model.compile(
         steps_per_execution=steps_per_execution,
         jit_compile=jit_compile,
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=optimizer or keras.optimizers.Adam(learning_rate),
         loss=loss,
         weighted_metrics=[
             keras.metrics.MeanMetricWrapper(

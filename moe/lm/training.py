@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from moe.lm import architectures, bundle, distribute, finetune, quantize
+from moe.lm import architectures, bundle, distribute, finetune, quantize, recipe
 from moe.lm.training_config import (
     ConfigError,
     TrainingConfig,
@@ -240,8 +240,14 @@ def _fit(config, texts, task, verbose, callbacks, strategy, interrupted):
         board = [
             keras.callbacks.TensorBoard(config.tensorboard, write_graph=False)
         ]
+    steps_per_epoch = math.ceil(
+        examples_per_epoch(config, data.starts, data.train_positions)
+        / config.batch_size
+    )
+    schedule = recipe.recipe_callback(config, config.epochs * steps_per_epoch)
     callbacks = [
         keras.callbacks.TerminateOnNaN(),
+        schedule,  # before early stopping: it validates the EMA
         keras.callbacks.EarlyStopping(
             monitor="val_loss",
             patience=config.patience,
@@ -278,6 +284,8 @@ def _fit(config, texts, task, verbose, callbacks, strategy, interrupted):
             "validation": len(data.val_positions),
         },
         "epochs_run": len(history["loss"]),
+        "steps": schedule.steps,
+        "stopped_by_budget": schedule.stopped_by_budget,
         "validation": validation,
         **quantized,
         "history": history,
@@ -375,6 +383,7 @@ def _compiled_models(config, tokenizer, strategy, start=None):
         architectures.compile_model(
             trained,
             config.learning_rate,
+            optimizer=recipe.make_optimizer(config),
             # Keras's multi-step loop fails under a strategy with more than
             # one replica (a while-loop placeholder error in TF 2.21): one
             # step a call.

@@ -13,7 +13,7 @@ import math
 import os
 from pathlib import Path
 
-from moe.lm import bundle, distribute
+from moe.lm import bundle, distribute, recipe
 from moe.lm.architectures import ARCHITECTURES, MAX_SEQ_LEN, TRAIN_POSITIONS
 from moe.lm.quantize import QUANTIZE_MODES
 from moe.lm.tokenizer import check_vocab_size
@@ -43,6 +43,15 @@ class TrainingConfig:
         metavar="PATH",
     )
     encoding: str = setting("utf-8", "text encoding of the corpus files")
+    # Held-out data (moe.lm.book_split makes whole-book splits).
+    validation_corpus: list[str] | None = setting(
+        None,
+        "text files held out for validation, whole (default: the last "
+        "--validation-split of the corpus); the vocabulary comes from "
+        "--corpus alone",
+        nargs="+",
+        metavar="PATH",
+    )
     epochs: int = setting(
         40, "most passes over the training data (early stopping may end sooner)"
     )
@@ -131,7 +140,7 @@ class TrainingConfig:
     )
     learning_rate: float | None = setting(
         None,
-        "Adam learning rate (default: 0.003 for pooled, 0.001 for transformer)",
+        "peak learning rate (default: 0.003 for pooled, 0.002 for transformer)",
         type=float,
     )
     validation_split: float = setting(
@@ -195,6 +204,57 @@ class TrainingConfig:
         choices=QUANTIZE_MODES,
     )
 
+    # Optimiser recipe (moe.lm.recipe): None is the architecture's default.
+    optimizer: str | None = setting(
+        None,
+        "adam, or adamw: Adam with decoupled weight decay (default: adam for "
+        "pooled, adamw for transformer)",
+        choices=recipe.OPTIMIZERS,
+    )
+    weight_decay: float | None = setting(
+        None,
+        "adamw's decoupled weight decay (default: 0.1 for transformer)",
+        type=float,
+    )
+    clip_norm: float | None = setting(
+        None,
+        "clip the gradients to this global norm, 0 for none (default: 0 for "
+        "pooled, 1 for transformer)",
+        type=float,
+    )
+    warmup_steps: int | None = setting(
+        None,
+        "steps of linear learning-rate warmup from 0 (default: 0 for "
+        "pooled, 200 for transformer)",
+        type=int,
+    )
+    lr_schedule: str | None = setting(
+        None,
+        "after warmup: constant, or cosine decay to 0 at the end of the run "
+        "(--epochs, --max-steps or --max-minutes, whichever ends first; "
+        "default: constant for pooled, cosine for transformer)",
+        choices=recipe.LR_SCHEDULES,
+    )
+    ema: float | None = setting(
+        None,
+        "momentum of an exponential moving average of the weights, which "
+        "is validated, kept by early stopping and saved; 0 for none "
+        "(default: 0 for pooled, 0.999 for transformer)",
+        type=float,
+    )
+    max_steps: int | None = setting(
+        None,
+        "stop after this many training steps (checked every "
+        "--steps-per-execution steps); the best weights are saved",
+        type=int,
+    )
+    max_minutes: float | None = setting(
+        None,
+        "stop after this many minutes of training (validation included); "
+        "the best weights are saved",
+        type=float,
+    )
+
 
 class ConfigError(ValueError):
     """An invalid setting; the message names the flag."""
@@ -246,6 +306,8 @@ def validate(config: TrainingConfig) -> None:
     if not 0 < config.validation_split < 1:
         _fail("validation_split", "must be between 0 and 1 (exclusive)",
               config.validation_split)  # fmt: skip
+    for name, rule in recipe.check(config):
+        _fail(name, rule, getattr(config, name))
     if not 0 <= config.seed <= MAX_SEED:
         _fail("seed", f"must be between 0 and {MAX_SEED}", config.seed)
     try:
@@ -254,7 +316,7 @@ def validate(config: TrainingConfig) -> None:
         raise ConfigError(str(e)) from None
     _check_tensorboard(config.tensorboard)
     output = bundle.check_output(config.output)
-    for path in config.corpus or ():
+    for path in (config.corpus or []) + (config.validation_corpus or []):
         if Path(os.path.realpath(path)).is_relative_to(output):
             _fail("corpus", f"must not be inside `output` ({config.output}): "
                   "the new bundle replaces that folder", path)  # fmt: skip

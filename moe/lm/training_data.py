@@ -43,7 +43,9 @@ def prepare_data(
 
     The validation positions are the targets in the last
     `validation_split` fraction of the token stream (their contexts may
-    reach back into the training part, as when continuing a text).
+    reach back into the training part, as when continuing a text), or
+    with `validation_corpus` those of its texts, appended to the stream
+    as texts of their own and tokenized by the vocabulary of `texts`.
 
     Raises:
         moe.lm.corpus.CorpusError: too few words for both parts.
@@ -51,11 +53,21 @@ def prepare_data(
     if tokenizer is None:
         tokenizer = Tokenizer.fit(texts, config.vocab_size)
     tokens, starts = corpus.token_stream(tokenizer, texts)
+    if config.validation_corpus:
+        held_out = [
+            corpus.read_text(p, config.encoding)
+            for p in config.validation_corpus
+        ]
+        split = len(tokens)
+        tokens, starts = corpus.token_stream(tokenizer, texts + held_out)
     if len(tokens) < 2:
         raise corpus.CorpusError(
             f"the corpus has {len(tokens)} word(s); at least 2 are needed"
         )
-    split = len(tokens) - max(1, round(len(tokens) * config.validation_split))
+    if not config.validation_corpus:
+        split = len(tokens) - max(
+            1, round(len(tokens) * config.validation_split)
+        )
     positions = corpus.pair_positions(starts)
     train, val = positions[positions < split], positions[positions >= split]
     if len(train) == 0 or len(val) == 0:
