@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shlex
-import sys
 import tempfile
 import time
 import warnings
@@ -33,8 +32,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 warnings.filterwarnings("ignore", message="You are using a softmax over axis")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np  # noqa: E402
 

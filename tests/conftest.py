@@ -36,7 +36,7 @@ def load_script(name: str) -> types.SimpleNamespace:
     """The functions of `model.py` or `serve.py`, to call in this process.
 
     The file is run (not as `__main__`) and its globals returned: no
-    `sys.path` edit, no module named after the script.
+    change to the import path, no module named after the script.
     """
     return types.SimpleNamespace(**runpy.run_path(str(REPO_ROOT / name)))
 
