@@ -47,6 +47,7 @@ from moe.lm.training_data import (
     prepare_data,
     validation_dataset,
 )
+from moe.lm.training_summary import summary_line  # noqa: F401 (public here)
 
 # Training memory per parameter: float32 weights, gradients and Adam's two
 # moments.
@@ -460,37 +461,6 @@ def _stop_when(event: threading.Event):
     return keras.callbacks.LambdaCallback(
         on_train_batch_end=check, on_epoch_end=check
     )
-
-
-def summary_line(summary: dict) -> str:
-    """The one line `model.py` prints at the end."""
-    val = summary["validation"]
-    return (
-        f"vocabulary {summary['vocab_size']} | pairs "
-        f"{summary['pairs']['train']} train, "
-        f"{summary['pairs']['validation']} validation | "
-        f"{summary['epochs_run']} epochs in {summary['seconds']:.1f} s | "
-        f"val top-1 {val['accuracy']:.3f}, top-5 {val['top5_accuracy']:.3f}, "
-        f"perplexity {val['perplexity']:.1f} | {_quantized_line(summary)}"
-        f"{_saved_where(summary)}"
-    )
-
-
-def _quantized_line(summary: dict) -> str:
-    if "quantized" not in summary:
-        return ""
-    q = summary["quantized"]
-    return (
-        f"{q['mode']}: top-1 {q['validation']['accuracy']:.3f}, "
-        f"perplexity {q['validation']['perplexity']:.1f} | "
-    )
-
-
-def _saved_where(summary: dict) -> str:
-    where = summary.get("distribution", {"chief": True})
-    if where["chief"]:
-        return f"saved to {summary['config']['output']}"
-    return f"not saved by {where['task']}: the chief writes the bundle"
 
 
 def _versions() -> dict:
