@@ -111,9 +111,12 @@ def test_relative_links_resolve(page):
 
 
 def help_flags(script: str, capsys) -> set[str]:
-    """The flags of `python <script> --help`, asked in this process."""
-    with pytest.raises(SystemExit) as exit_info:
-        load_script(script).main(["--help"])
+    """The flags of `python <script> --help`, asked in this process (on one
+    wide line per option, so that no flag is cut at its hyphens)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("COLUMNS", "10000")
+        with pytest.raises(SystemExit) as exit_info:
+            load_script(script).main(["--help"])
     assert exit_info.value.code == 0
     return set(FLAG.findall(capsys.readouterr().out)) - {"--help"}
 
