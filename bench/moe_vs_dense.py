@@ -8,9 +8,13 @@ test book. `--experts 1` is the dense control at equal active parameters:
 one expert of width `top_k x --hidden-dim` (`--routing soft` over one
 expert: exactly a dense FFN); any other count is top-`--top-k` routing.
 
-One JSON line per run is appended to `--jsonl` (so that several processes
-can share the machine's cores and one file); `--plot PNG` draws held-out
-perplexity against experts and against training time from those lines.
+One JSON line per run is appended to `--jsonl` as soon as the run ends,
+with the run's settings under `"run"`. The sweep is resumable: a rerun of
+the same command skips every run whose settings (experts, seed, steps,
+flags, books) are already recorded there, so interrupting it loses at most
+the run in progress. `--plot PNG` prints the table and the paired
+comparison with the dense runs, and draws held-out perplexity against
+experts and against training time.
 
 Usage:
     python bench/moe_vs_dense.py --books DIR --experts 1 8 --seeds 1 2 3 \\
@@ -79,6 +83,45 @@ def test_metrics(output: str, test_book: Path) -> dict:
     return {k: float(m[k]) for k in ("accuracy", "top5_accuracy", "perplexity")}
 
 
+def run_settings(args, split, experts, seed) -> dict:
+    """What identifies a run: two runs with equal settings are the same
+    run (the resume key)."""
+    return {
+        "experts": experts,
+        "seed": seed,
+        "top_k": args.top_k,
+        "hidden_dim": args.hidden_dim,
+        "max_steps": args.max_steps,
+        "max_minutes": args.max_minutes,
+        "flags": args.flags,
+        "train_books": sorted(path.name for path in split.train),
+        "validate_book": split.validate.name,
+        "test_book": split.test.name,
+    }
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The recorded runs; a line cut short by an interrupted write is
+    skipped."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def record(path: Path, row: dict) -> None:
+    """Appends one run's line and flushes it to disk at once."""
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def train_one(args, split, experts, seed, workdir) -> dict:
     flags = [
         "--architecture", "transformer",
@@ -97,6 +140,7 @@ def train_one(args, split, experts, seed, workdir) -> dict:
     summary = training.train(config, verbose=0)
     seconds = time.perf_counter() - started
     return {
+        "run": run_settings(args, split, experts, seed),
         "experts": experts,
         "seed": seed,
         "flags": flags[flags.index("--seed") :],
@@ -104,6 +148,7 @@ def train_one(args, split, experts, seed, workdir) -> dict:
         "epochs": summary["epochs_run"],
         "stopped_by_budget": summary["stopped_by_budget"],
         "train_seconds": round(summary["seconds"], 1),
+        "steps_per_second": round(summary["steps"] / summary["seconds"], 3),
         "wall_seconds": round(seconds, 1),
         "load": os.getloadavg()[0],
         "validation": summary["validation"],
@@ -118,62 +163,149 @@ def plot(rows, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    by_experts = {}
-    for r in rows:
-        by_experts.setdefault(r["experts"], []).append(r)
-    xs = sorted(by_experts)
-    means = [np.mean([r["validation"]["perplexity"] for r in by_experts[e]])
-             for e in xs]  # fmt: skip
-    stds = [np.std([r["validation"]["perplexity"] for r in by_experts[e]])
-            for e in xs]  # fmt: skip
-    left.errorbar(xs, means, yerr=stds, marker="o", capsize=3)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, rs in groups(rows).items():
+        ppl = [r["validation"]["perplexity"] for r in rs]
+        experts = rs[0]["run"]["experts"]
+        left.errorbar(
+            [experts], [np.mean(ppl)], yerr=[np.std(ppl)], marker="o",
+            capsize=3, label=f"{label}, {len(rs)} run(s)",
+        )  # fmt: skip
+        right.scatter([r["train_seconds"] for r in rs], ppl, label=label)
     left.set_xscale("log", base=2)
-    left.set_xticks(xs, [str(e) for e in xs])
-    left.set_xlabel("experts (1 = dense, top-2 otherwise)")
+    left.set_xlabel("experts (1 = dense of equal active width)")
     left.set_ylabel("validation-book perplexity")
-    for e in xs:
-        right.scatter(
-            [r["train_seconds"] for r in by_experts[e]],
-            [r["validation"]["perplexity"] for r in by_experts[e]],
-            label=f"{e} expert{'s' if e > 1 else ''}",
-        )
-    right.set_xlabel("training seconds (2 shared CPU cores)")
+    left.legend(fontsize=7)
+    right.set_xlabel("training seconds (2 CPU cores)")
     right.set_ylabel("validation-book perplexity")
-    right.legend()
+    right.legend(fontsize=7)
     fig.suptitle("Equal active parameters and steps, whole-book split")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
-def _mean_std(values) -> str:
+def group_label(row) -> str:
+    """`"8"` for top-`k` of the default width; the routing spelt out
+    otherwise (`"32 (top-8, width 64)"`)."""
+    run = row["run"]
+    if run["experts"] == 1:
+        return f"1 (dense, width {run['top_k'] * run['hidden_dim']})"
+    return f"{run['experts']} (top-{run['top_k']}, width {run['hidden_dim']})"
+
+
+def groups(rows) -> dict:
+    """`{label: rows}`, dense first, then by experts."""
+    by_label = {}
+    for r in sorted(rows, key=lambda r: (r["run"]["experts"], group_label(r))):
+        by_label.setdefault(group_label(r), []).append(r)
+    return by_label
+
+
+def _mean_std(values, digits=3) -> str:
     std = np.std(values, ddof=1) if len(values) > 1 else 0.0
-    return f"{np.mean(values):.3f} ± {std:.3f}"
+    return f"{np.mean(values):.{digits}f} ± {std:.{digits}f}"
 
 
 def table(rows) -> str:
-    """Markdown: mean ± sample std over the seeds, per expert count."""
+    """Markdown: mean ± sample std over the seeds, per routing."""
     out = [
-        "| experts | runs | steps | train s | val ppl | val top-1 | "
+        "| experts | runs | steps | steps/s | val ppl | val top-1 | "
         "test ppl | test top-1 |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    by_experts = {}
-    for r in rows:
-        by_experts.setdefault(r["experts"], []).append(r)
-    for e in sorted(by_experts):
-        rs = by_experts[e]
+    for label, rs in groups(rows).items():
         cells = [
-            _mean_std([r[part][key] for r in rs])
+            _mean_std([r[part][key] for r in rs], digits)
             for part in ("validation", "test")
-            for key in ("perplexity", "accuracy")
+            for key, digits in (("perplexity", 1), ("accuracy", 4))
         ]
-        seconds = np.mean([r["train_seconds"] for r in rs])
+        rate = _mean_std([r["steps"] / r["train_seconds"] for r in rs], 2)
         out.append(
-            f"| {e} | {len(rs)} | {rs[0]['steps']} | {seconds:.0f} | "
+            f"| {label} | {len(rs)} | {rs[0]['steps']} | {rate} | "
             + " | ".join(cells)
             + " |"
         )
+    return "\n".join(out)
+
+
+def dense_partner(row, rows):
+    """The dense run of equal active width, seed, steps and flags."""
+    run = row["run"]
+    for other in rows:
+        o = other["run"]
+        if (
+            o["experts"] == 1
+            and o["top_k"] * o["hidden_dim"] == run["top_k"] * run["hidden_dim"]
+            and all(
+                o[k] == run[k]
+                for k in ("seed", "max_steps", "max_minutes", "flags")
+            )
+        ):
+            return other
+    return None
+
+
+def paired(rows) -> str:
+    """Markdown: each MoE against its dense partner, seed by seed: the
+    relative perplexity change and the top-1 change, mean ± sample std and
+    the standard error of the mean over seeds, and the step-rate ratio."""
+    out = [
+        "| experts | seeds | val ppl change | (std. error) | test ppl "
+        "change | (std. error) | val top-1 change | steps/s vs dense |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, rs in groups(rows).items():
+        pairs = [(r, dense_partner(r, rows)) for r in rs]
+        pairs = [(r, d) for r, d in pairs if d is not None and r is not d]
+        if not pairs:
+            continue
+
+        def change(part, key, pairs=pairs):
+            return [100 * (r[part][key] / d[part][key] - 1) for r, d in pairs]
+
+        def std_error(values):
+            if len(values) < 2:
+                return "-"
+            return f"{np.std(values, ddof=1) / np.sqrt(len(values)):.2f}"
+
+        val, test = (
+            change("validation", "perplexity"),
+            change("test", "perplexity"),
+        )
+        top1 = [
+            100 * (r["validation"]["accuracy"] - d["validation"]["accuracy"])
+            for r, d in pairs
+        ]
+        speed = [
+            (r["steps"] / r["train_seconds"])
+            / (d["steps"] / d["train_seconds"])
+            for r, d in pairs
+        ]
+        seeds = ", ".join(str(r["run"]["seed"]) for r, _ in pairs)
+        out.append(
+            f"| {label} | {seeds} | {_mean_std(val, 2)} % | {std_error(val)} "
+            f"| {_mean_std(test, 2)} % | {std_error(test)} | "
+            f"{_mean_std(top1, 2)} pt | {_mean_std(speed, 2)}x |"
+        )
+    return "\n".join(out)
+
+
+def per_seed(rows) -> str:
+    """Markdown: every run, one row each."""
+    out = [
+        "| experts | seed | steps | train s | val ppl | val top-1 | test ppl "
+        "| test top-1 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, rs in groups(rows).items():
+        for r in sorted(rs, key=lambda r: r["run"]["seed"]):
+            v, t = r["validation"], r["test"]
+            out.append(
+                f"| {label} | {r['run']['seed']} | {r['steps']} | "
+                f"{r['train_seconds']:.0f} | {v['perplexity']:.1f} | "
+                f"{v['accuracy']:.4f} | {t['perplexity']:.1f} | "
+                f"{t['accuracy']:.4f} |"
+            )
     return "\n".join(out)
 
 
@@ -195,9 +327,8 @@ def main(argv=None):
     parser.add_argument("--plot", type=Path, help="draw the PNG, no runs")
     args = parser.parse_args(argv)
     if args.plot:
-        rows = [json.loads(line) for line in args.jsonl.read_text().split("\n")
-                if line.strip()]  # fmt: skip
-        print(table(rows))
+        rows = [r for r in read_rows(args.jsonl) if "run" in r]
+        print(table(rows), per_seed(rows), paired(rows), sep="\n\n")
         plot(rows, args.plot)
         return
     if args.books is None:
@@ -205,13 +336,16 @@ def main(argv=None):
     split = book_split.split_books(
         args.books, args.validate_book, args.test_book
     )
+    done = [row.get("run") for row in read_rows(args.jsonl)]
     for seed in args.seeds:
         for experts in args.experts:
+            if run_settings(args, split, experts, seed) in done:
+                print(f"recorded already: {experts} experts, seed {seed}")
+                continue
             with tempfile.TemporaryDirectory(prefix="moe-vs-dense-") as work:
                 row = train_one(args, split, experts, seed, work)
+            record(args.jsonl, row)
             print(json.dumps(row), flush=True)
-            with args.jsonl.open("a") as f:
-                f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
+import random as python_random
+import zlib
+
 import keras
+import numpy as np
 from keras import ops
 
 from moe import dispatch as dispatch_lib
@@ -39,10 +43,14 @@ class Experts(keras.layers.Layer):
         activation: Defaults to `"relu"`.
         gated: bool, GLU-style experts. Defaults to `False`.
         use_bias: bool. Defaults to `True`.
-        kernel_initializer: applied per expert (the fans of one expert's
-            matrix; a seeded initializer gets `seed + e` for expert `e`).
-            Defaults to `"glorot_uniform"`.
-        bias_initializer: Defaults to `"zeros"`.
+        kernel_initializer: drawn for each expert on its own (the fans
+            of one expert's matrix, and a seed of its own, so experts start
+            different whether or not the initializer is seeded). Defaults
+            to `"glorot_uniform"`.
+        bias_initializer: per expert, likewise. Defaults to `"zeros"`.
+        seed: int or `None`, the seed the experts' initial weights derive
+            from when the initializers carry none (`None`: drawn from
+            Python's `random`, which `keras.utils.set_random_seed` seeds).
         weight_prefix: the start of the variable names. Defaults to
             `"expert"`.
         **kwargs: base layer arguments.
@@ -73,6 +81,7 @@ class Experts(keras.layers.Layer):
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
         weight_prefix="expert",
+        seed=None,
         **kwargs,
     ):
         validation.integer("num_experts", num_experts)
@@ -81,6 +90,8 @@ class Experts(keras.layers.Layer):
             validation.integer("output_dim", output_dim)
         validation.boolean("gated", gated)
         validation.boolean("use_bias", use_bias)
+        if seed is not None:
+            validation.integer("seed", seed, minimum=0)
         if not isinstance(weight_prefix, str) or not weight_prefix:
             raise ValueError(
                 "`weight_prefix` must be a non-empty string. Received: "
@@ -101,6 +112,7 @@ class Experts(keras.layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.weight_prefix = weight_prefix
+        self.seed = seed
         # Set by `MoELayer` when it loaded these weights from a file written
         # before the experts were a sublayer (they were its own variables).
         self._loaded_by_parent = False
@@ -114,14 +126,19 @@ class Experts(keras.layers.Layer):
             )
         output_dim = self.output_dim or input_dim
         h = self.hidden_dim
-        kernel_init = _PerExpertInitializer(self.kernel_initializer)
         shapes = {
-            "in_kernel": ((input_dim, h), kernel_init),
-            "gate_kernel": ((input_dim, h), kernel_init),
-            "out_kernel": ((h, output_dim), kernel_init),
-            "in_bias": ((h,), self.bias_initializer),
-            "gate_bias": ((h,), self.bias_initializer),
-            "out_bias": ((output_dim,), self.bias_initializer),
+            "in_kernel": (input_dim, h),
+            "gate_kernel": (input_dim, h),
+            "out_kernel": (h, output_dim),
+            "in_bias": (h,),
+            "gate_bias": (h,),
+            "out_bias": (output_dim,),
+        }
+        # One base seed per initializer, drawn once per build: every weight
+        # and expert derives its own seed from it (`_PerExpertInitializer`).
+        seeds = {
+            "kernel": base_seed(self.kernel_initializer, self.seed),
+            "bias": base_seed(self.bias_initializer, self.seed),
         }
         # Kernels first, then biases: the order of the variables (and of a
         # saved file's entries) is that of the earlier `MoELayer`.
@@ -131,11 +148,15 @@ class Experts(keras.layers.Layer):
                 self.quantization_config
             )
         for part in self._parts(kernels_first=True):
-            shape, initializer = shapes[part]
+            shape = shapes[part]
             name = f"{self.weight_prefix}_{part}"
             if int8 and part.endswith("kernel"):
                 quantization.add_int8_kernel(self, name, shape)
                 continue
+            kind = "kernel" if part.endswith("kernel") else "bias"
+            initializer = _PerExpertInitializer(
+                getattr(self, f"{kind}_initializer"), seeds[kind], stream=name
+            )
             variable = self.add_weight(
                 name=name,
                 shape=(self.num_experts,) + shape,
@@ -310,6 +331,7 @@ class Experts(keras.layers.Layer):
                     self.bias_initializer
                 ),
                 "weight_prefix": self.weight_prefix,
+                "seed": self.seed,
             }
         )
         if self.quantization_mode:
@@ -329,24 +351,66 @@ class _PerExpertInitializer:
     """Initialise a stacked `(experts, ...)` weight one expert at a time.
 
     Keras computes fans from all leading axes of a 3-D shape, which would
-    scale a variance-scaling initializer by the number of experts. A seeded
-    initializer gets `seed + e` for expert `e`, so experts differ.
+    scale a variance-scaling initializer by the number of experts, so each
+    expert's slice is drawn on its own shape. A random initializer with an
+    integer seed or none (Keras turns `seed=None` into one fixed seed, so
+    calling it again returns the same tensor) is rebuilt for each slice
+    with its own seed, derived from `(base seed, stream, expert)`: experts
+    differ, and so do the weights of one expert (`stream` names the
+    weight). Initializers without a seed (`"zeros"`), with a
+    `keras.random.SeedGenerator` (which advances on each call) or with no
+    config are called as they are.
     """
 
-    def __init__(self, initializer):
+    def __init__(self, initializer, base_seed, stream):
         self.initializer = initializer
+        self.base_seed = base_seed
+        self.stream = stream
 
     def __call__(self, shape, dtype=None):
-        config = self.initializer.get_config()
+        config = _config_of(self.initializer)
+        seed = None if config is None else config.get("seed", "absent")
+        reseed = seed is None or validation.is_integer(seed)
         slices = []
         for e in range(shape[0]):
             initializer = self.initializer
-            if isinstance(config.get("seed"), int):
+            if reseed:
                 initializer = self.initializer.__class__.from_config(
-                    {**config, "seed": config["seed"] + e}
+                    {
+                        **config,
+                        "seed": derived_seed(self.base_seed, self.stream, e),
+                    }
                 )
             slices.append(initializer(shape[1:], dtype=dtype))
         return ops.stack(slices)
+
+
+def _config_of(initializer):
+    get_config = getattr(initializer, "get_config", None)
+    if get_config is None or not hasattr(initializer, "from_config"):
+        return None
+    return get_config()
+
+
+def derived_seed(base_seed, stream, index):
+    """A seed in `[0, 2**31)` for item `index` of the named `stream`, mixed
+    from `base_seed` (NumPy's `SeedSequence`: nearby inputs give unrelated
+    seeds)."""
+    entropy = [base_seed, zlib.crc32(stream.encode()), index]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0] >> 1)
+
+
+def base_seed(initializer, seed):
+    """The seed an expert bank's initialisation derives from: the
+    initializer's own integer seed, else the layer's `seed`, else one drawn
+    from Python's `random` (seeded by `keras.utils.set_random_seed`, as
+    Keras's own default seeds are)."""
+    config = _config_of(initializer) or {}
+    if validation.is_integer(config.get("seed")):
+        return int(config["seed"])
+    if seed is not None:
+        return int(seed)
+    return python_random.randint(1, 10**9)
 
 
 # The `MoELayer` arguments `make_experts` takes (besides `dtype`).
@@ -363,6 +427,7 @@ EXPERT_ARGUMENTS = (
     "shared_expert_hidden_dim",
     "shared_expert_gate",
     "experts",
+    "seed",
 )
 
 
@@ -379,6 +444,7 @@ def make_experts(
     shared_expert_hidden_dim,
     shared_expert_gate,
     experts,
+    seed=None,
     dtype=None,
 ):
     """The routed and shared experts of an `MoELayer`, from its arguments.
@@ -394,6 +460,7 @@ def make_experts(
         use_bias=use_bias,
         kernel_initializer=kernel_initializer,
         bias_initializer=bias_initializer,
+        seed=seed,
         dtype=dtype,
     )
     if experts is None:

@@ -16,14 +16,14 @@ def _is_number(value):
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _is_int(value):
+def is_integer(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def integer(name, value, minimum=1, maximum=None, what=None):
     """An integer in `[minimum, maximum]` (`maximum=None`: unbounded)."""
     if (
-        _is_int(value)
+        is_integer(value)
         and value >= minimum
         and (maximum is None or value <= maximum)
     ):

@@ -116,6 +116,98 @@ def test_wide_gated_shared_expert_equals_reference(dispatch):
     assert not np.allclose(ungated, want, atol=1e-3)
 
 
+# --- Initialisation: experts start different ----------------------------------
+
+INITIALIZERS = [
+    "glorot_uniform",
+    "he_normal",
+    keras.initializers.HeNormal(),
+    keras.initializers.GlorotUniform(seed=1),
+]
+
+
+def expert_kernels(layer):
+    """`{variable name: (E, ...) array}` of every expert kernel of an
+    `MoELayer` (routed and shared)."""
+    parts = [layer.experts, layer.shared_experts]
+    return {
+        v.path.split("/", 1)[1]: to_numpy(v)  # without the layer's name
+        for part in parts
+        if part is not None
+        for v in part.weights
+        if "kernel" in v.path
+    }
+
+
+@pytest.mark.parametrize(
+    "initializer",
+    INITIALIZERS,
+    ids=["glorot_uniform", "he_normal", "HeNormal()", "GlorotUniform(seed=1)"],
+)
+def test_every_expert_starts_different_with_dense_statistics(initializer):
+    # The default path (no seed anywhere) and the usual spellings: every
+    # slice of every expert kernel differs from every other, and each has
+    # the statistics of one Dense kernel of its shape (its own fans, not
+    # those of the whole stack).
+    layer = moe.MoELayer(
+        num_experts=4,
+        hidden_dim=64,
+        gated=True,
+        num_shared_experts=2,
+        kernel_initializer=initializer,
+    )
+    layer.build((None, 64))
+    slices = [
+        kernel[e] for kernel in expert_kernels(layer).values() for e in range(2)
+    ]
+    for i, a in enumerate(slices):
+        for b in slices[i + 1 :]:
+            assert not np.allclose(a, b)
+    dense = keras.layers.Dense(64, kernel_initializer=initializer)
+    dense.build((None, 64))
+    dense_var = to_numpy(dense.kernel).var()
+    for kernel in expert_kernels(layer).values():
+        for e in range(kernel.shape[0]):
+            np.testing.assert_allclose(kernel[e].var(), dense_var, rtol=0.15)
+
+
+def test_the_default_moe_layer_is_not_an_upcycled_dense_layer():
+    layer = moe.MoELayer(num_experts=8, hidden_dim=16)
+    x = random_inputs((5, 12))
+    layer(x)
+    every = to_numpy(layer.experts(x))  # (E, 5, 12): every expert on x
+    assert all(not np.allclose(every[0], every[e]) for e in range(1, 8))
+
+
+def test_random_biases_are_drawn_per_expert():
+    experts = moe.Experts(4, 8, bias_initializer="random_normal")
+    experts.build((None, 6))
+    bias = to_numpy(experts.expert_in_bias)
+    assert not np.allclose(bias[0], bias[1])
+    np.testing.assert_allclose(bias.std(), 0.05, rtol=0.3)
+
+
+def test_the_layer_seed_makes_the_experts_reproducible():
+    def kernels(**kwargs):
+        layer = moe.MoELayer(
+            num_experts=4, hidden_dim=8, num_shared_experts=1, **kwargs
+        )
+        layer.build((None, 6))
+        return expert_kernels(layer)
+
+    first, again, other = kernels(seed=3), kernels(seed=3), kernels(seed=4)
+    assert first.keys() == again.keys() == other.keys()
+    for name in first:
+        np.testing.assert_array_equal(first[name], again[name])
+        assert not np.allclose(first[name], other[name])
+    # Unseeded layers follow the global seed, as Keras layers do.
+    keras.utils.set_random_seed(5)
+    first = kernels()
+    keras.utils.set_random_seed(5)
+    for name, value in kernels().items():
+        np.testing.assert_array_equal(first[name], value)
+
+
 def test_shared_expert_gate_needs_shared_experts():
     with pytest.raises(ValueError, match="needs `num_shared_experts`"):
         moe.MoELayer(4, 5, shared_expert_gate=True)

@@ -66,6 +66,31 @@ def test_bad_transformer_flags_are_one_line_errors(tmp_path, flags, message):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("architecture", ["pooled", "transformer"])
+def test_both_architectures_start_with_different_experts(architecture):
+    # With model.py's defaults (no seed given), no two experts of a layer
+    # start as copies of one FFN.
+    if architecture == "pooled":
+        model = architectures.build_model(
+            vocab_size=20, max_seq_len=4, embed_dim=8, num_experts=4,
+            hidden_dim=8,
+        )  # fmt: skip
+    else:
+        model = architectures.build_transformer_model(
+            vocab_size=20, max_seq_len=4, embed_dim=8, num_layers=2,
+            num_heads=2, num_experts=4, hidden_dim=8,
+        )  # fmt: skip
+    kernels = [
+        ops.convert_to_numpy(v)
+        for v in model.weights
+        if "expert_" in v.path and "kernel" in v.path
+    ]
+    assert kernels
+    for kernel in kernels:
+        for e in range(1, kernel.shape[0]):
+            assert not np.allclose(kernel[0], kernel[e]), kernel.shape
+
+
 @pytest.mark.parametrize("routing", ["top_k", "hash"])
 def test_transformer_model_maps_contexts_to_next_word(routing):
     lm = architectures.build_transformer_model(
