@@ -24,7 +24,14 @@ import sys
 # TensorFlow's C++ start-up log is noise to a user (a level they set stays).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from moe.lm import bundle, cli, corpus, expert_words, server_config  # noqa: E402
+from moe.lm import (  # noqa: E402
+    bundle,
+    cli,
+    corpus,
+    expert_words,
+    generation,
+    server_config,
+)
 from moe.lm.quantize import QUANTIZE_MODES  # noqa: E402
 
 # Library arguments that are flags of another name.
@@ -106,6 +113,7 @@ def check_args(args: argparse.Namespace) -> server_config.ServerConfig:
         )
     if any(not text.strip() for text in args.texts):
         raise ValueError("empty query: give some words")
+    generation.check_generation(args.generate, args.temperature)
     server_config.check_port(args.port)
     return server_config.ServerConfig(
         max_instances=args.max_instances,

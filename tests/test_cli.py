@@ -126,6 +126,14 @@ runpy.run_path(sys.argv[0], run_name="__main__")
         (["model.py", "--learning-rate", "inf"], "must be a finite number"),
         (["serve.py", "--model-dir", "missing", "hi"], "no trained model"),
         (["serve.py", "--http", "--port", "70000"], "--port must be 0-65535"),
+        (
+            ["serve.py", "--model-dir", "missing", "--generate", "0", "hi"],
+            "--generate must be between 1 and 10000",
+        ),
+        (
+            ["serve.py", "--model-dir", "missing", "--temperature", "0", "hi"],
+            "--temperature must be a finite number > 0",
+        ),
     ],
 )
 def test_cheap_checks_answer_before_tensorflow_loads(argv, expected):

@@ -5,10 +5,11 @@
 their defaults), `training_config` (the settings and their checks),
 `training` (`train()`), `cli` (what the two scripts share), `bundle`
 (`saved_model/` I/O; its folder safety in `bundle_folder`, file names and
-errors in `bundle_layout`), `predictor` (`NextWordPredictor`), `server`
-(HTTP; its parts `server_config`, `server_requests`, `batcher`), `export`
-(TF SavedModel). `model.py` and `serve.py` are command lines over
-these; `moe` itself never imports `moe.lm`.
+errors in `bundle_layout`), `predictor` (`NextWordPredictor`; its
+generation limits in `generation`), `server` (HTTP; its parts
+`server_config`, `server_requests`, `batcher`), `export` (TF SavedModel).
+`model.py` and `serve.py` are command lines over these; `moe` itself never
+imports `moe.lm`.
 
 Example:
     from moe.lm import NextWordPredictor, TrainingConfig, train

@@ -9,15 +9,13 @@ import numpy as np
 from moe.lm.bundle import ModelOutputError, load_bundle
 from moe.lm.corpus import pair_positions, token_stream
 from moe.lm.data import contexts
+from moe.lm.generation import check_generation
 from moe.lm.metrics import EPSILON, next_word_metrics
 from moe.lm.tokenizer import NUM_RESERVED, OOV_ID, Tokenizer
 
 # Batch sizes the compiled call sees: a batch is padded up to the next one,
 # so at most len(BUCKETS) traces ever happen. Bigger batches are chunked.
 BUCKETS = (1, 8, 64, 512)
-# The most words one `generate` call continues a text by: each is a model
-# call, one after the other.
-MAX_GENERATE = 10_000
 
 
 class NextWordPredictor:
@@ -213,21 +211,10 @@ class NextWordPredictor:
 
         Raises:
             ValueError: `text` has no words, `num_words` is not between 1 and
-                `MAX_GENERATE`, or `temperature` is not a finite number > 0
-                (checked at once, before the first word).
+                `moe.lm.generation.MAX_GENERATE`, or `temperature` is not a
+                finite number > 0 (checked at once, before the first word).
         """
-        if not 1 <= num_words <= MAX_GENERATE:
-            raise ValueError(
-                f"`num_words` must be between 1 and {MAX_GENERATE}. "
-                f"Received: num_words={num_words}"
-            )
-        if temperature is not None and not (
-            np.isfinite(temperature) and temperature > 0
-        ):
-            raise ValueError(
-                "`temperature` must be a finite number > 0. Received: "
-                f"temperature={temperature}"
-            )
+        check_generation(num_words, temperature)
         ids = self.encode(text)
         return self._continue(ids, num_words, temperature, seed)
 
