@@ -95,3 +95,41 @@ def test_serve_without_them_is_one_line(tmp_path, lm_trained):
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1
     assert "records no expert words" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "record, field",
+    [
+        ([1, 2], "field expert_words must be an object"),
+        ({"moe": "x"}, "field expert_words.moe must be a list of experts"),
+        ({"moe": [5]}, "field expert_words.moe[0] must be an object"),
+        ({"moe": [{"load": 0.5, "top_words": []}]},
+         "field expert_words.moe[0].expert must be a whole number, found null"),
+        ({"moe": [{"expert": 0, "load": "half", "top_words": []}]},
+         'field expert_words.moe[0].load must be a number, found "half"'),
+        ({"moe": [{"expert": 0, "load": 1, "top_words": {}}]},
+         "field expert_words.moe[0].top_words must be a list"),
+        ({"moe": [{"expert": 0, "load": 1, "top_words": [["a", 1]]}]},
+         "field expert_words.moe[0].top_words[0] must be [word, count, share]"),
+        ({"moe": [{"expert": 0, "load": 1, "top_words": [["a", 1, None]]}]},
+         "field expert_words.moe[0].top_words[0] must be [word, count, share]"),
+    ],
+)  # fmt: skip
+def test_a_hand_edited_record_is_one_line_naming_the_field(
+    tmp_path, lm_trained, record, field, capsys
+):
+    import shutil
+
+    from conftest import load_script
+
+    copy = tmp_path / "edited"
+    shutil.copytree(lm_trained[0], copy)
+    training = json.loads((copy / bundle.TRAINING_FILE).read_text())
+    training[expert_words.KEY] = record
+    (copy / bundle.TRAINING_FILE).write_text(json.dumps(training))
+    code = load_script("serve.py").main(
+        ["--model-dir", str(copy), "--expert-words", "3"]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1, err
+    assert f"{bundle.TRAINING_FILE}: {field}" in err

@@ -95,23 +95,72 @@ def expert_words(model, tokenizer, contexts, top: int = TOP_WORDS) -> dict:
 
 
 def read(directory: str | Path) -> dict:
-    """The `expert_words` a bundle's `training.json` records.
+    """The `expert_words` a bundle's `training.json` records, checked.
 
     Raises:
         ValueError: the bundle has no such record (trained before it was
             kept, or without `training.json`).
+        moe.lm.bundle.BundleError: the record is not what `summarize`
+            writes (edited by hand); the message names the field.
     """
     path = Path(directory) / bundle.TRAINING_FILE
     try:
         words = json.loads(path.read_text(encoding="utf-8"))[KEY]
-        if not isinstance(words, dict):
-            raise TypeError
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         raise ValueError(
             f"{path} records no expert words (the bundle was trained before "
             "model.py kept them); train it again with model.py"
         ) from None
+    _check_record(words, path)
     return words
+
+
+def _check_record(words, path: Path) -> None:
+    """What `format_table` reads is there, of the type `summarize` writes."""
+
+    def refuse(field: str, expected: str, found) -> None:
+        shown = json.dumps(found)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise bundle.BundleError(
+            f"corrupt {path}: field {field} must be {expected}, found "
+            f"{shown} — train the bundle again with model.py"
+        )
+
+    if not isinstance(words, dict):
+        refuse(KEY, "an object {layer: [expert, ...]}", words)
+    for layer, experts in words.items():
+        field = f"{KEY}.{layer}"
+        if not isinstance(experts, list):
+            refuse(field, "a list of experts", experts)
+        for i, info in enumerate(experts):
+            at = f"{field}[{i}]"
+            if not isinstance(info, dict):
+                refuse(at, 'an object {"expert", "load", "top_words"}', info)
+            for name, expected, ok in (
+                ("expert", "a whole number", _is_int),
+                ("load", "a number", _is_number),
+                ("top_words", "a list", lambda v: isinstance(v, list)),
+            ):
+                if not ok(info.get(name)):
+                    refuse(f"{at}.{name}", expected, info.get(name))
+            for j, entry in enumerate(info["top_words"]):
+                if not (
+                    isinstance(entry, list)
+                    and len(entry) == 3
+                    and isinstance(entry[0], str)
+                    and _is_number(entry[1])
+                    and _is_number(entry[2])
+                ):
+                    refuse(f"{at}.top_words[{j}]", "[word, count, share]",
+                           entry)  # fmt: skip
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def format_table(words: dict, top: int) -> str:
