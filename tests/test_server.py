@@ -2,6 +2,7 @@
 load, graceful shutdown. Loopback only, on a tiny trained bundle."""
 
 import asyncio
+import gzip
 import json
 import random
 import signal
@@ -257,6 +258,30 @@ def test_bad_requests_get_a_json_4xx_and_the_server_keeps_serving(
         assert set(payload) == {"error"} and words in payload["error"], case
         if status == 405:
             assert headers["Allow"] in payload["error"]
+
+
+def test_a_body_that_is_not_its_content_encoding_is_a_json_400(
+    lm_predictor, training, caplog
+):
+    text = json.dumps({"instances": ["how are"]}).encode()
+
+    async def body(session, app):
+        answers = []
+        for data in (text, gzip.compress(text)):
+            async with session.post(
+                PREDICT_PATH, data=data, headers={"Content-Encoding": "gzip"}
+            ) as r:
+                answers.append((r.status, await r.json()))
+        return answers
+
+    (status, payload), (gzip_status, _) = run_with_server(
+        lm_predictor, training, body
+    )
+    assert status == 400, payload
+    assert "the body cannot be read" in payload["error"]
+    assert "content-encoding: gzip" in payload["error"].lower()
+    assert gzip_status == 200  # a real gzip body is decoded
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
 def test_a_bug_is_a_500_with_a_json_body(lm_predictor, training):
@@ -640,6 +665,36 @@ def test_trickled_headers_are_cut_off(lm_predictor):
 
     closed, seconds = run_with_live_server(lm_predictor, body, config)
     assert closed and seconds < 4.0
+
+
+def test_requests_aiohttp_cannot_parse_get_its_plain_text_400(lm_predictor):
+    # The documented exception to "every answer is JSON" (docs/http.md):
+    # aiohttp answers these itself, before the application sees them.
+    requests = [
+        f"GET {HEALTH_PATH} HTTP/1.1\r\nX: {'a' * 9000}\r\n\r\n",
+        "GARBAGE\r\n\r\n",
+        f"POST {PREDICT_PATH} HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+        f"POST {PREDICT_PATH} HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"
+        "\r\nzz\r\n",
+    ]
+
+    async def body(host, port):
+        answers = []
+        for request in requests:
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(request.encode())
+            await writer.drain()
+            answers.append(await read_all(reader))
+            writer.close()
+        async with ClientSession() as session:
+            async with session.get(f"http://{host}:{port}{HEALTH_PATH}") as r:
+                return answers, r.status
+
+    answers, health = run_with_live_server(lm_predictor, body, ServerConfig())
+    for answer in answers:
+        assert answer.startswith((b"HTTP/1.0 400", b"HTTP/1.1 400")), answer
+        assert b"Content-Type: text/plain" in answer, answer
+    assert health == 200
 
 
 def test_past_max_pending_requests_get_503(lm_predictor):

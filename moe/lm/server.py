@@ -19,7 +19,10 @@ single worker thread (off the event loop) and hands each request its rows.
 
 Every client error is a 4xx with a JSON body `{"error": "..."}` and the
 server keeps serving; a bug, or a model that produces NaN, is a 500 with a
-JSON body. Bodies are always valid JSON (never a bare `NaN`).
+JSON body. Bodies are always valid JSON (never a bare `NaN`). The one
+exception: a request aiohttp cannot parse (malformed line or headers, a
+header over 8190 bytes) gets aiohttp's own plain-text 400, before the
+application sees it (docs/http.md).
 
 Slow or many clients cannot pile up: a request must arrive whole (line and
 headers) within `header_timeout_s` of its connection opening (or of the
@@ -209,6 +212,19 @@ async def _read_body(request: web.Request, timeout_s: float) -> bytes:
         raise RequestError(
             f"the body did not arrive within {timeout_s:g} s", status=408
         ) from None
+    except web.RequestPayloadError as e:
+        # A body that is not what its Content-Encoding says (e.g. "gzip" on
+        # plain JSON), or broken chunked framing, found while reading it.
+        # aiohttp's message: "400, message:\n  Can not decode content-...".
+        detail = str(e).strip().splitlines()[-1].strip()
+        # The rest of this body is never read: without the end marked,
+        # aiohttp would read on after the answer and log the error again.
+        request.content.feed_eof()
+        raise RequestError(
+            f"the body cannot be read ({detail}); send it as its "
+            "Content-Encoding and Transfer-Encoding headers say",
+            close=True,
+        ) from None
 
 
 def _json(data, status: int = 200, headers=None) -> web.Response:
@@ -233,7 +249,10 @@ async def _json_errors(request: web.Request, handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except RequestError as e:
-        return _error(e.status, e.message)
+        response = _error(e.status, e.message)
+        if e.close:
+            response.force_close()
+        return response
     except web.HTTPMethodNotAllowed as e:
         allowed = ", ".join(sorted(e.allowed_methods))
         return _error(

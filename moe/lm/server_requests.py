@@ -8,12 +8,14 @@ MAX_DIGITS = 18
 
 
 class RequestError(Exception):
-    """A client error: answered with `status` and `{"error": message}`."""
+    """A client error: answered with `status` and `{"error": message}`;
+    `close`: then the connection is closed (its bytes cannot be trusted)."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, close: bool = False):
         super().__init__(message)
         self.message = message
         self.status = status
+        self.close = close
 
 
 def _decode_json(body: bytes):
