@@ -320,6 +320,46 @@ def test_a_truncated_model_file_is_named(tmp_path):
         bundle.check_bundle(tmp_path)
 
 
+def rezip(path, member, padding: int):
+    """`path` with `member` grown by `padding` spaces, deflated (small on
+    disk, `padding` bytes more once expanded)."""
+    with zipfile.ZipFile(path) as archive:
+        contents = {name: archive.read(name) for name in archive.namelist()}
+    contents[member] += b" " * padding
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in contents.items():
+            archive.writestr(name, data)
+
+
+@pytest.mark.parametrize(
+    "member, padding, words",
+    [
+        ("config.json", 20 << 20, "its config.json expands to 20.0 MiB"),
+        ("model.weights.h5", 30 << 20, "its model.weights.h5 expands from"),
+    ],
+)
+def test_members_that_expand_beyond_a_model_are_refused(
+    tmp_path, member, padding, words
+):
+    save(tmp_path)
+    path = tmp_path / bundle.MODEL_FILE
+    rezip(path, member, padding)
+    assert path.stat().st_size < 200_000  # a small file on disk
+    with pytest.raises(bundle.BundleError, match=re.escape(words)):
+        bundle.check_bundle(tmp_path)
+    # The size is checked before anything is expanded.
+    with pytest.raises(bundle.BundleError, match="is not a model.py bundle"):
+        bundle.load_bundle(tmp_path)
+
+
+def test_a_recompressed_model_within_the_limits_still_loads(tmp_path):
+    model = save(tmp_path)
+    rezip(tmp_path / bundle.MODEL_FILE, "config.json", 1000)
+    loaded = bundle.load_bundle(tmp_path)
+    x = np.array([[1, 2, 3]])
+    np.testing.assert_allclose(loaded.model(x), model(x), rtol=1e-6)
+
+
 def test_a_setting_a_layer_rejects_is_named(tmp_path):
     save(tmp_path)
     path = tmp_path / bundle.MODEL_FILE

@@ -238,11 +238,26 @@ def _load_max_seq_len(path: Path) -> int:
     return int(text)
 
 
+# The weights inside `model.keras`; its other members (config.json,
+# metadata.json) hold settings.
+WEIGHTS_MEMBER = "model.weights.h5"
+# The settings of a model are kilobytes (a layer's arguments, not its
+# weights): they may expand to a quarter of the weights, and at least this
+# much (a tiny model's settings outweigh its weights).
+SETTINGS_FLOOR = 4 << 20
+# Keras stores the weights uncompressed, and trained float weights shrink by
+# less than 2x when zipped; a deflate bomb expands up to ~1000x.
+MAX_EXPANSION = 20
+
+
 def _check_archive(path: Path) -> None:
-    """`model.keras` is a whole zip archive holding a Keras model."""
+    """`model.keras` is a whole zip archive holding a Keras model, whose
+    members expand to sizes a model can have (checked before anything is
+    expanded: Keras reads config.json whole into memory)."""
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
+            _check_expanded_sizes(path, archive.infolist())
             damaged = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError):
         raise BundleError(
@@ -253,6 +268,35 @@ def _check_archive(path: Path) -> None:
         raise BundleError(f"corrupt {path}: its {damaged} is damaged")
     if "config.json" not in names:
         raise BundleError(f"{path} is not a Keras model (no config.json)")
+
+
+def _check_expanded_sizes(path: Path, members: list) -> None:
+    weights = [m for m in members if m.filename == WEIGHTS_MEMBER]
+    others = [m for m in members if m.filename != WEIGHTS_MEMBER]
+    weights_size = sum(m.file_size for m in weights)
+    stored = sum(m.compress_size for m in weights)
+    if weights_size > MAX_EXPANSION * max(stored, 1 << 20):
+        raise BundleError(
+            f"{path} is refused: its {WEIGHTS_MEMBER} expands from "
+            f"{_mib(stored)} to {_mib(weights_size)}, more than weights "
+            f"expand (at most {MAX_EXPANSION}x) — it is not a model.py "
+            "bundle; copy it again or retrain with `python model.py`"
+        )
+    settings_size = sum(m.file_size for m in others)
+    cap = max(SETTINGS_FLOOR, weights_size // 4)
+    if settings_size > cap:
+        largest = max(others, key=lambda m: m.file_size)
+        raise BundleError(
+            f"{path} is refused: its {largest.filename} expands to "
+            f"{_mib(largest.file_size)}, more than a model's settings need "
+            f"({_mib(cap)}: a quarter of its weights, at least "
+            f"{_mib(SETTINGS_FLOOR)}) — it is not a model.py bundle; copy "
+            "it again or retrain with `python model.py`"
+        )
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB"
 
 
 def _load_model(path: Path):
