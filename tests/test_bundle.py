@@ -256,6 +256,52 @@ def test_a_second_writer_is_refused_and_its_bundle_kept(tmp_path):
     assert bundle.load_bundle(target).training == {"seed": 3}
 
 
+def save_during_the_load(monkeypatch, target, saves) -> list:
+    """Each of the first `saves` model reads of a load first has another
+    bundle saved to `target` (after its tokenizer was read): seeds 10, 11,
+    ..., words w, x, y, z (same vocabulary size, other words). The models
+    saved are listed in what is returned."""
+    load_model = bundle._load_model
+    count = iter(range(saves))
+    saved = []
+
+    def racing(path):
+        seed = next(count, None)
+        if seed is not None:
+            saved.append(
+                save(target, seed=10 + seed, words=("w", "x", "y", "z"))
+            )
+        return load_model(path)
+
+    monkeypatch.setattr(bundle, "_load_model", racing)
+    return saved
+
+
+def test_a_load_racing_a_save_sees_one_bundle_whole(tmp_path, monkeypatch):
+    target = tmp_path / "saved_model"
+    save(target, seed=1)
+    saved = save_during_the_load(monkeypatch, target, saves=1)
+    loaded = bundle.load_bundle(target)
+    (new_model,) = saved
+    # The new bundle whole: its tokenizer with its model, never the old
+    # tokenizer with the new model.
+    assert loaded.training == {"seed": 10}
+    assert loaded.tokenizer.vocabulary[-4:] == ["w", "x", "y", "z"]
+    weights = zip(loaded.model.get_weights(), new_model.get_weights())
+    for got, want in weights:
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_load_replaced_at_every_read_is_one_clear_error(
+    tmp_path, monkeypatch
+):
+    target = tmp_path / "saved_model"
+    save(target, seed=1)
+    save_during_the_load(monkeypatch, target, saves=2)
+    with pytest.raises(bundle.BundleError, match="replaced by another save"):
+        bundle.load_bundle(target)
+
+
 def kill_between_renames(target):
     """The folder state a run killed between the swap's two renames leaves:
     the old bundle aside, the complete new one in its temporary folder."""

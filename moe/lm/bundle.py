@@ -28,6 +28,7 @@ import numpy as np
 
 from moe.lm.architectures import MAX_SEQ_LEN
 from moe.lm.bundle_folder import (
+    FolderPin,
     OutputLock,
     check_output,
     real_path,
@@ -178,11 +179,36 @@ def check_bundle(directory: str | Path) -> Path:
 def load_bundle(directory: str | Path) -> Bundle:
     """Loads and validates a bundle.
 
+    The files come from one bundle: a save that swaps a new bundle in while
+    they are read (`FolderPin` tells) has them read again, once.
+
     Raises:
         BundleError: missing, incomplete, corrupt or inconsistent files; the
             message says which and what is wrong.
     """
-    directory = check_bundle(directory)
+    for _ in range(2):
+        directory = check_files(directory)  # waits for a swap under way
+        try:
+            pin = FolderPin(directory)
+        except FileNotFoundError:  # swapped out since: read again
+            continue
+        with pin:
+            try:
+                loaded = _load_parts(directory)
+            except (BundleError, OSError):
+                if pin.replaced():  # what failed may be a mix of two
+                    continue
+                raise
+            if not pin.replaced():
+                return loaded
+    raise BundleError(
+        f"{directory}/ was replaced by another save twice while it loaded "
+        "(a training is saving to it): load it again when the save is done"
+    )
+
+
+def _load_parts(directory: Path) -> Bundle:
+    check_bundle(directory)
     tokenizer = _load_tokenizer(directory / TOKENIZER_FILE)
     max_seq_len = _load_max_seq_len(directory / MAX_SEQ_LEN_FILE)
     model = _load_model(directory / MODEL_FILE)

@@ -15,6 +15,8 @@
   save, or the next load (`recover`), puts it back.
 - A symlinked folder is written through (the link keeps pointing at the
   bundle); the folder's permissions follow the umask.
+- A load reads one bundle, whole (`FolderPin`): a swap while it reads is
+  seen afterwards, and the load reads again.
 """
 
 import os
@@ -253,6 +255,51 @@ def _sync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class FolderPin:
+    """Tells whether `directory` still names the folder it named when pinned.
+
+    A load reads the bundle's files one after another; a save may swap
+    another folder in between two reads. Pinned before the reads and asked
+    after them (`replaced()`), it tells whether all came from one folder.
+    The folder is held open meanwhile: its inode number, which is compared,
+    cannot go to a new folder while it is held.
+
+    Example:
+        with FolderPin(directory) as pin:
+            ...  # read the files
+            if pin.replaced():
+                ...  # read them again
+
+    Raises:
+        FileNotFoundError: `directory` does not exist (a swap is under way).
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        try:
+            self._fd = os.open(self.directory, os.O_RDONLY)
+            pinned = os.fstat(self._fd)
+        except (IsADirectoryError, PermissionError):  # not POSIX: not held
+            self._fd = None
+            pinned = os.stat(self.directory)
+        self._identity = (pinned.st_dev, pinned.st_ino)
+
+    def replaced(self) -> bool:
+        try:
+            now = os.stat(self.directory)
+        except OSError:
+            return True
+        return (now.st_dev, now.st_ino) != self._identity
+
+    def __enter__(self) -> "FolderPin":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def real_path(path: Path) -> Path:
