@@ -12,6 +12,7 @@ import threading
 import time
 import types
 
+import aiohttp
 import keras
 import numpy as np
 import pytest
@@ -639,6 +640,72 @@ def test_a_slow_body_gets_408_and_the_server_keeps_serving(lm_predictor):
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b'"error": "the body did not arrive within 0.5 s"' in answer
     assert health == 200
+
+
+async def start_slow_body(host, port):
+    """A predict request whose body's first byte arrives, and no more."""
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(
+        f"POST {PREDICT_PATH} HTTP/1.1\r\nHost: x\r\n"
+        "Content-Type: application/json\r\nContent-Length: 100\r\n"
+        "\r\n{".encode()
+    )
+    await writer.drain()
+    return reader, writer
+
+
+def test_one_address_cannot_hold_every_request_slot(lm_predictor):
+    config = ServerConfig(max_pending=3, max_pending_per_client=2)
+
+    async def body(host, port):
+        slow = [await start_slow_body(host, port) for _ in range(3)]
+        # The third of one address is refused at once; the two others hold.
+        third = await read_all(slow[2][0], 5.0)
+        # Another address still gets answers.
+        other = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+        async with ClientSession(connector=other) as session:
+            async with session.post(
+                f"http://{host}:{port}{PREDICT_PATH}",
+                json={"instances": ["how are"]},
+            ) as r:
+                status = r.status
+        for _, writer in slow:
+            writer.close()
+        return third, status
+
+    third, status = run_with_live_server(lm_predictor, body, config)
+    assert third.startswith(b"HTTP/1.1 429"), third[:200]
+    assert b"too many requests in progress from 127.0.0.1" in third
+    assert status == 200
+
+
+def test_a_trickled_body_is_cut_off_at_the_minimum_rate(lm_predictor):
+    config = ServerConfig(
+        body_timeout_s=30, body_grace_s=0.5, min_body_rate=100
+    )
+
+    async def body(host, port):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        reader, writer = await start_slow_body(host, port)
+        answer = b""
+        for _ in range(90):  # one byte every 0.05 s: 20 bytes/s
+            try:
+                writer.write(b" ")
+                await writer.drain()
+            except ConnectionError:
+                break
+            answer += await read_all(reader, 0.05)
+            if answer or reader.at_eof():
+                break
+        answer += await read_all(reader, 2.0)
+        writer.close()
+        return answer, loop.time() - started
+
+    answer, seconds = run_with_live_server(lm_predictor, body, config)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"the body arrived slower than 100 bytes/s" in answer
+    assert seconds < 3.0
 
 
 def test_trickled_headers_are_cut_off(lm_predictor):

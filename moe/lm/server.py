@@ -27,9 +27,11 @@ application sees it (docs/http.md).
 Slow or many clients cannot pile up: a request must arrive whole (line and
 headers) within `header_timeout_s` of its connection opening (or of the
 previous response on a kept-alive connection), its body within
-`body_timeout_s`; past `max_pending` requests in progress, new ones get
-503. Request bodies are decoded and tokenized off the event loop, so large
-requests do not delay `/healthz`.
+`body_timeout_s` and, after `body_grace_s`, at `min_body_rate` bytes/s on
+average (408 otherwise); past `max_pending` requests in progress, new ones
+get 503, past `max_pending_per_client` from one address, 429. Request
+bodies are decoded and tokenized off the event loop, so large requests do
+not delay `/healthz`.
 
 This module wires the application (handlers, JSON errors, the serving
 loop); its parts: `server_config` (limits and batching, checked without
@@ -97,6 +99,7 @@ def create_app(
     )
 
     pending = 0
+    by_client: dict[str, int] = {}  # remote address -> requests in progress
 
     async def predict(request: web.Request) -> web.Response:
         nonlocal pending
@@ -106,9 +109,17 @@ def create_app(
                 "retry shortly",
                 status=503,
             )
+        client = request.remote or ""
+        if by_client.get(client, 0) >= config.max_pending_per_client:
+            raise RequestError(
+                f"too many requests in progress from {client} (at most "
+                f"{config.max_pending_per_client}); retry when they finish",
+                status=429,
+            )
         pending += 1
+        by_client[client] = by_client.get(client, 0) + 1
         try:
-            body = await _read_body(request, config.body_timeout_s)
+            body = await _read_body(request, config)
             # Decoding and tokenizing a large body takes a while: off the
             # event loop, in the loop's default thread pool.
             texts, top = await asyncio.get_running_loop().run_in_executor(
@@ -117,6 +128,9 @@ def create_app(
             predictions = await batcher.submit(texts, top)
         finally:
             pending -= 1
+            by_client[client] -= 1
+            if not by_client[client]:
+                del by_client[client]
         return _json({"predictions": predictions})
 
     async def model_info(request: web.Request) -> web.Response:
@@ -204,27 +218,53 @@ def _layer_info(layer) -> dict:
     }
 
 
-async def _read_body(request: web.Request, timeout_s: float) -> bytes:
-    try:
-        # 413 past client_max_size
-        return await asyncio.wait_for(request.read(), timeout_s)
-    except asyncio.TimeoutError:
-        raise RequestError(
-            f"the body did not arrive within {timeout_s:g} s", status=408
-        ) from None
-    except web.RequestPayloadError as e:
-        # A body that is not what its Content-Encoding says (e.g. "gzip" on
-        # plain JSON), or broken chunked framing, found while reading it.
-        # aiohttp's message: "400, message:\n  Can not decode content-...".
-        detail = str(e).strip().splitlines()[-1].strip()
-        # The rest of this body is never read: without the end marked,
-        # aiohttp would read on after the answer and log the error again.
-        request.content.feed_eof()
-        raise RequestError(
-            f"the body cannot be read ({detail}); send it as its "
-            "Content-Encoding and Transfer-Encoding headers say",
-            close=True,
-        ) from None
+async def _read_body(request: web.Request, config: ServerConfig) -> bytes:
+    """The body, decoded as its Content-Encoding says; a `RequestError` if it
+    is too large (413), too slow (408) or cannot be decoded (400)."""
+    limit = config.max_body_bytes
+    too_large = RequestError(
+        f"the body is larger than {limit} bytes", status=413, close=True
+    )
+    if (request.content_length or 0) > limit:
+        raise too_large
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    chunks, size = [], 0
+    while True:
+        # Whole within body_timeout_s; after body_grace_s, at min_body_rate.
+        by_rate = start + config.body_grace_s + size / config.min_body_rate
+        by_total = start + config.body_timeout_s
+        try:
+            chunk = await asyncio.wait_for(
+                request.content.readany(), min(by_rate, by_total) - loop.time()
+            )
+        except asyncio.TimeoutError:
+            if by_rate < by_total:
+                rate = config.min_body_rate
+                message = f"the body arrived slower than {rate} bytes/s"
+            else:
+                seconds = config.body_timeout_s
+                message = f"the body did not arrive within {seconds:g} s"
+            raise RequestError(message, status=408, close=True) from None
+        except web.RequestPayloadError as e:
+            # A body that is not what its Content-Encoding says (e.g. "gzip"
+            # on plain JSON), or broken chunked framing, found while reading.
+            # aiohttp's message: "400, message:\n  Can not decode content-...".
+            detail = str(e).strip().splitlines()[-1].strip()
+            # The rest is never read: without the end marked, aiohttp would
+            # read on after the answer and log the error again.
+            request.content.feed_eof()
+            raise RequestError(
+                f"the body cannot be read ({detail}); send it as its "
+                "Content-Encoding and Transfer-Encoding headers say",
+                close=True,
+            ) from None
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:  # decoded (e.g. gunzipped) past the limit
+            raise too_large
+        chunks.append(chunk)
 
 
 def _json(data, status: int = 200, headers=None) -> web.Response:
@@ -262,9 +302,6 @@ async def _json_errors(request: web.Request, handler) -> web.StreamResponse:
         )
     except web.HTTPNotFound:
         return _error(404, f"no route {request.path}; routes: {ROUTES}")
-    except web.HTTPRequestEntityTooLarge:
-        limit = request.app[CONFIG].max_body_bytes
-        return _error(413, f"the body is larger than {limit} bytes")
     except web.HTTPException as e:
         if e.status < 400:
             raise
