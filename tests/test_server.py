@@ -20,6 +20,7 @@ from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 from conftest import REPO_ROOT, load_script, script_env
 
+from moe.lm import server_requests
 from moe.lm.bundle import TRAINING_FILE
 from moe.lm.server import (
     BATCHER,
@@ -796,18 +797,25 @@ def test_past_max_pending_requests_get_503(lm_predictor):
     assert [status for status, _ in first] == [200, 200]
 
 
-def test_request_texts_are_tokenized_off_the_event_loop(lm_predictor):
-    loop_threads, encode_threads = [], []
-    tokenizer = lm_predictor.tokenizer
+def test_request_texts_are_tokenized_once_off_the_event_loop(
+    lm_predictor, monkeypatch
+):
+    # Tokenizing holds the GIL: on the event loop, or twice per text, it
+    # delays /healthz while large requests run.
+    loop_threads, encode_threads, check_threads = [], [], []
+    encode = lm_predictor.tokenizer.encode
+    has_words = server_requests.has_words
 
-    class RecordingTokenizer:
-        vocab_size = tokenizer.vocab_size
+    def recording_encode(text):
+        encode_threads.append(threading.get_ident())
+        return encode(text)
 
-        def encode(self, text):
-            encode_threads.append(threading.get_ident())
-            return tokenizer.encode(text)
+    def recording_has_words(text):
+        check_threads.append(threading.get_ident())
+        return has_words(text)
 
-    predictor = stand_in(lm_predictor, tokenizer=RecordingTokenizer())
+    monkeypatch.setattr(lm_predictor.tokenizer, "encode", recording_encode)
+    monkeypatch.setattr(server_requests, "has_words", recording_has_words)
 
     async def body(session, app):
         loop_threads.append(threading.get_ident())
@@ -816,6 +824,7 @@ def test_request_texts_are_tokenized_off_the_event_loop(lm_predictor):
         ) as r:
             return r.status
 
-    assert run_with_server(predictor, {}, body) == 200
-    assert len(encode_threads) == 2
-    assert loop_threads[0] not in encode_threads
+    assert run_with_server(lm_predictor, {}, body) == 200
+    assert len(encode_threads) == 2  # once per text: the model call's
+    assert len(check_threads) == 2
+    assert loop_threads[0] not in encode_threads + check_threads

@@ -3,6 +3,8 @@ what is wrong with it (the 4xx answer)."""
 
 import json
 
+from moe.lm.tokenizer import has_words
+
 # The most digits of a number in a request body.
 MAX_DIGITS = 18
 
@@ -82,7 +84,9 @@ def parse_predict(body, predictor, config, max_top) -> tuple[list, int]:
             raise RequestError(
                 f"instances[{i}] must be a string, not {_json_type(text)}"
             )
-        if not predictor.tokenizer.encode(text):
+        # Not tokenized here: the model call tokenizes each text once, and
+        # tokenizing holds the GIL the event loop needs.
+        if not has_words(text):
             raise RequestError(f"instances[{i}] has no words: {text[:50]!r}")
     top = body.get("top", 1)
     if isinstance(top, bool) or not isinstance(top, int):

@@ -50,6 +50,13 @@ def split_sentences(text: str) -> list[list[str]]:
     return sentences
 
 
+def has_words(text: str) -> bool:
+    """Whether `split_words(text)` is not empty (it stops at the first
+    word: cheap on a long text)."""
+    lowered = text.lower().translate(_APOSTROPHES)
+    return any(match.group(1) for match in _TOKEN_RE.finditer(lowered))
+
+
 def split_words(text: str) -> list[str]:
     """Lowercased words of `text`, ignoring sentence boundaries."""
     return [word for sentence in split_sentences(text) for word in sentence]
