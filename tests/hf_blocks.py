@@ -93,6 +93,13 @@ CASES = {
         dict(_QWEN, shared_expert_intermediate_size=12, norm_topk_prob=True),
         "gate",
     ),
+    "qwen3_5_moe_text": _Case(
+        "qwen3_5_moe",
+        "Qwen3_5MoeTextConfig",
+        "Qwen3_5MoeSparseMoeBlock",
+        dict(_QWEN, shared_expert_intermediate_size=12),
+        "gate",
+    ),
     "olmoe": _Case(
         "olmoe", "OlmoeConfig", "OlmoeSparseMoeBlock", _OLMOE, "gate"
     ),
