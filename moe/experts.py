@@ -5,8 +5,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from moe import activations, quantization, validation
 from moe import dispatch as dispatch_lib
-from moe import quantization, validation
 from moe.layer_experts import LayerExperts
 
 # The weights of one expert, in the order `expert_fn` takes them (the
@@ -22,7 +22,11 @@ class Experts(keras.layers.Layer):
     Expert `e` maps `x` to `act(x @ W_in[e] + b_in[e]) @ W_out[e] + b_out[e]`,
     or, with `gated=True` (GLU; SwiGLU with `activation="silu"`),
     `(act(x @ W_gate[e] + b_gate[e]) * (x @ W_in[e] + b_in[e])) @ W_out[e]
-    + b_out[e]`. Each matrix is one variable for all experts:
+    + b_out[e]`. GPT-OSS's clamped SwiGLU is the gated form with
+    `activation="quick_gelu"`, `glu_limit=7.0` (the gate clipped from above,
+    the linear half to `[-7, 7]`, before the product) and
+    `glu_linear_offset=1.0` (added to the linear half). Each matrix is one
+    variable for all experts:
     `<prefix>_in_kernel` `(num_experts, d, hidden_dim)`,
     `<prefix>_gate_kernel` `(num_experts, d, hidden_dim)`,
     `<prefix>_out_kernel` `(num_experts, hidden_dim, output_dim)`, and the
@@ -40,8 +44,17 @@ class Experts(keras.layers.Layer):
         num_experts: int >= 1.
         hidden_dim: int >= 1, the hidden width of each expert.
         output_dim: int or `None` (the input width).
-        activation: Defaults to `"relu"`.
+        activation: a Keras activation or `"quick_gelu"`
+            (`moe.activations`); with `gated`, the gate's. Defaults to
+            `"relu"`.
         gated: bool, GLU-style experts. Defaults to `False`.
+        glu_limit: float > 0 or `None`, gated experts only: clip the gate
+            to at most `glu_limit` and the linear half to `[-glu_limit,
+            glu_limit]` before the activation (GPT-OSS's `swiglu_limit`).
+            Defaults to `None` (no clipping).
+        glu_linear_offset: float, gated experts only: added to the linear
+            half (after clipping), `act(gate) * (linear + offset)`; GPT-OSS
+            uses 1. Defaults to `0.0`.
         use_bias: bool. Defaults to `True`.
         kernel_initializer: drawn for each expert on its own (the fans
             of one expert's matrix, and a seed of its own, so experts start
@@ -82,6 +95,8 @@ class Experts(keras.layers.Layer):
         bias_initializer="zeros",
         weight_prefix="expert",
         seed=None,
+        glu_limit=None,
+        glu_linear_offset=0.0,
         **kwargs,
     ):
         validation.integer("num_experts", num_experts)
@@ -90,6 +105,7 @@ class Experts(keras.layers.Layer):
             validation.integer("output_dim", output_dim)
         validation.boolean("gated", gated)
         validation.boolean("use_bias", use_bias)
+        validate_glu(gated, glu_limit, glu_linear_offset)
         if seed is not None:
             validation.integer("seed", seed, minimum=0)
         if not isinstance(weight_prefix, str) or not weight_prefix:
@@ -106,8 +122,10 @@ class Experts(keras.layers.Layer):
         self.num_experts = num_experts
         self.hidden_dim = hidden_dim
         self.output_dim = output_dim
-        self.activation = keras.activations.get(activation)
+        self.activation = activations.get(activation)
         self.gated = gated
+        self.glu_limit = glu_limit
+        self.glu_linear_offset = glu_linear_offset
         self.use_bias = use_bias
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
@@ -218,9 +236,15 @@ class Experts(keras.layers.Layer):
             kernel = quantization.dequantize(kernel, scale, x.dtype)
             return affine(x, kernel, bias)
 
-        hidden = linear(x)
+        hidden = linear(x)  # the linear half, when gated
         if self.gated:
-            hidden = self.activation(linear(x)) * hidden
+            gate = linear(x)
+            if self.glu_limit is not None:
+                gate = ops.minimum(gate, self.glu_limit)
+                hidden = ops.clip(hidden, -self.glu_limit, self.glu_limit)
+            if self.glu_linear_offset:
+                hidden = hidden + self.glu_linear_offset
+            hidden = self.activation(gate) * hidden
         else:
             hidden = self.activation(hidden)
         return linear(hidden)
@@ -321,8 +345,10 @@ class Experts(keras.layers.Layer):
                 "num_experts": self.num_experts,
                 "hidden_dim": self.hidden_dim,
                 "output_dim": self.output_dim,
-                "activation": keras.activations.serialize(self.activation),
+                "activation": activations.serialize(self.activation),
                 "gated": self.gated,
+                "glu_limit": self.glu_limit,
+                "glu_linear_offset": self.glu_linear_offset,
                 "use_bias": self.use_bias,
                 "kernel_initializer": keras.initializers.serialize(
                     self.kernel_initializer
@@ -338,6 +364,21 @@ class Experts(keras.layers.Layer):
             ser = keras.saving.serialize_keras_object
             config["quantization_config"] = ser(self.quantization_config)
         return config
+
+
+def validate_glu(gated, glu_limit, glu_linear_offset):
+    """`glu_limit` (> 0 or `None`) and `glu_linear_offset` shape the GLU of
+    gated experts only."""
+    if glu_limit is not None:
+        validation.number("glu_limit", glu_limit, minimum=0, min_open=True)
+    validation.number("glu_linear_offset", glu_linear_offset)
+    if not gated and (glu_limit is not None or glu_linear_offset):
+        raise ValueError(
+            "`glu_limit` and `glu_linear_offset` shape the GLU of gated "
+            "experts: they need `gated=True`. Received: "
+            f"glu_limit={glu_limit}, glu_linear_offset={glu_linear_offset}, "
+            "gated=False"
+        )
 
 
 def _affine(x, kernel, bias):
@@ -428,6 +469,8 @@ EXPERT_ARGUMENTS = (
     "shared_expert_gate",
     "experts",
     "seed",
+    "glu_limit",
+    "glu_linear_offset",
 )
 
 
@@ -445,6 +488,8 @@ def make_experts(
     shared_expert_gate,
     experts,
     seed=None,
+    glu_limit=None,
+    glu_linear_offset=0.0,
     dtype=None,
 ):
     """The routed and shared experts of an `MoELayer`, from its arguments.
@@ -461,6 +506,8 @@ def make_experts(
         kernel_initializer=kernel_initializer,
         bias_initializer=bias_initializer,
         seed=seed,
+        glu_limit=glu_limit,
+        glu_linear_offset=glu_linear_offset,
         dtype=dtype,
     )
     if experts is None:

@@ -8,7 +8,8 @@ from moe import quantization, routing, validation
 class GatingNetwork(keras.layers.Layer):
     """Router of a Mixture of Experts: inputs -> which experts, what weights.
 
-    A linear map gives one logit per expert, `logits = x @ W_g`; a softmax
+    A linear map gives one logit per expert, `logits = x @ W_g` (`+ b_g`
+    with `use_bias=True`, as GPT-OSS's and some Switch routers); a softmax
     turns them into router probabilities. With `top_k=None` every expert is
     chosen, weighted by its probability (soft gating, the classic dense
     formulation). With `top_k=k` each input keeps its `k` most probable
@@ -35,6 +36,8 @@ class GatingNetwork(keras.layers.Layer):
             training. Defaults to `0.0`.
         kernel_initializer: initializer of `W_g` (and `W_noise`). Defaults to
             `"glorot_uniform"`.
+        use_bias: bool, add a learned bias `router_bias` `(num_experts,)`
+            (zeros at first) to the logits. Defaults to `False`.
         seed: int or `None`, seed of the noise and jitter.
         **kwargs: base layer arguments (`name`, ...). `dtype` defaults to
             `"float32"` whatever the global policy.
@@ -76,6 +79,7 @@ class GatingNetwork(keras.layers.Layer):
         jitter_noise=0.0,
         kernel_initializer="glorot_uniform",
         seed=None,
+        use_bias=False,
         **kwargs,
     ):
         validation.integer("num_experts", num_experts)
@@ -83,6 +87,7 @@ class GatingNetwork(keras.layers.Layer):
         validation.boolean("normalize_top_k", normalize_top_k)
         validation.boolean("noisy", noisy)
         validation.number("jitter_noise", jitter_noise, 0, 1, max_open=True)
+        validation.boolean("use_bias", use_bias)
         if seed is not None:
             validation.integer("seed", seed, minimum=0)
         kwargs.setdefault("dtype", "float32")
@@ -94,6 +99,7 @@ class GatingNetwork(keras.layers.Layer):
         self.jitter_noise = jitter_noise
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.seed = seed
+        self.use_bias = use_bias
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def build(self, input_shape):
@@ -108,6 +114,12 @@ class GatingNetwork(keras.layers.Layer):
             shape=(input_dim, self.num_experts),
             initializer=self.kernel_initializer,
         )
+        if self.use_bias:
+            self.router_bias = self.add_weight(
+                name="router_bias",
+                shape=(self.num_experts,),
+                initializer="zeros",
+            )
         if self.noisy:
             self.noise_kernel = self.add_weight(
                 name="noise_kernel",
@@ -125,6 +137,8 @@ class GatingNetwork(keras.layers.Layer):
                 seed=self.seed_generator,
             )
         logits = ops.matmul(x, self.router_kernel)  # (..., num_experts)
+        if self.use_bias:
+            logits = logits + self.router_bias
         if training and self.noisy:
             noise_scale = ops.softplus(ops.matmul(x, self.noise_kernel))
             logits = logits + noise_scale * keras.random.normal(
@@ -179,6 +193,7 @@ class GatingNetwork(keras.layers.Layer):
                     self.kernel_initializer
                 ),
                 "seed": self.seed,
+                "use_bias": self.use_bias,
             }
         )
         return config

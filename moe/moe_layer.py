@@ -1,7 +1,7 @@
 import keras
 from keras import ops
 
-from moe import quantization, routers, validation
+from moe import activations, quantization, routers, validation
 from moe import telemetry as telemetry_lib
 from moe.dispatch import DISPATCH_MODES
 from moe.experts import EXPERT_ARGUMENTS, check_output_width, make_experts
@@ -11,8 +11,9 @@ from moe.layer_compat import MoELayerCompat
 # that still use the old one load).
 RENAMED_ARGUMENTS = {"group_top_k": "groups_per_token"}
 # Arguments stored, and returned by `get_config`, as they are.
-_PLAIN_ARGUMENTS = """hidden_dim output_dim gated use_bias dispatch
-num_shared_experts shared_expert_hidden_dim shared_expert_gate telemetry
+_PLAIN_ARGUMENTS = """hidden_dim output_dim gated use_bias glu_limit
+glu_linear_offset dispatch num_shared_experts shared_expert_hidden_dim
+shared_expert_gate telemetry
 """.split()
 
 
@@ -41,13 +42,15 @@ class MoELayer(MoELayerCompat, keras.layers.Layer):
             `"hash"`, `"hierarchical"`, or a `moe.routers.Router` (then the
             router arguments stay unset). Defaults to `"top_k"`.
         top_k, capacity_factor, aux_loss_weight, z_loss_weight,
-            router_noise, router_jitter, router_initializer, seed,
+            router_noise, router_jitter, router_initializer,
+            router_use_bias, seed,
             num_groups, groups_per_token, score_function, normalize_top_k,
             routed_scaling_factor, group_score, selection_bias,
             bias_update_rate: the router's arguments, documented and
             validated by the router of `routing` (`moe.routers`).
-        activation, gated, use_bias, kernel_initializer, bias_initializer:
-            the experts' (`moe.Experts`).
+        activation, gated, use_bias, glu_limit, glu_linear_offset,
+            kernel_initializer, bias_initializer: the experts'
+            (`moe.Experts`).
         dispatch: `"auto"`, `"dynamic"`, `"static"` or `"grouped"`, the
             layout of the sparse dispatch (`moe.dispatch`); all give the
             same outputs.
@@ -106,6 +109,7 @@ class MoELayer(MoELayerCompat, keras.layers.Layer):
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
         router_initializer="glorot_uniform",
+        router_use_bias=False,
         seed=None,
         num_groups=None,
         groups_per_token=None,
@@ -120,6 +124,8 @@ class MoELayer(MoELayerCompat, keras.layers.Layer):
         shared_expert_gate=False,
         experts=None,
         telemetry="summary",
+        glu_limit=None,
+        glu_linear_offset=0.0,
         **kwargs,
     ):
         # Which sublayers `model.quantize` quantized (`moe.quantization`).
@@ -150,7 +156,7 @@ class MoELayer(MoELayerCompat, keras.layers.Layer):
             setattr(self, name, given[name])
         self.num_experts = routed.num_experts
         self.routing = routing
-        self.activation = keras.activations.get(activation)
+        self.activation = activations.get(activation)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.router = router
@@ -280,7 +286,7 @@ class MoELayer(MoELayerCompat, keras.layers.Layer):
         config.update(
             num_experts=self.num_experts,
             routing=routers.serialize(self.routing),
-            activation=keras.activations.serialize(self.activation),
+            activation=activations.serialize(self.activation),
             kernel_initializer=ser(self.kernel_initializer),
             bias_initializer=ser(self.bias_initializer),
             router_initializer=ser(self.router_initializer),

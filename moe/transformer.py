@@ -3,7 +3,7 @@ import inspect
 import keras
 from keras import ops
 
-from moe import quantization, routers, validation
+from moe import activations, quantization, routers, validation
 from moe.moe_layer import RENAMED_ARGUMENTS, MoELayer
 
 
@@ -125,7 +125,7 @@ class MoETransformerBlock(keras.layers.Layer):
         self.top_k = top_k
         self.routing = routers.get(routing)
         self.dropout = dropout
-        self.activation = keras.activations.get(activation)
+        self.activation = activations.get(activation)
         self.layer_norm_epsilon = layer_norm_epsilon
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
@@ -271,7 +271,7 @@ class MoETransformerBlock(keras.layers.Layer):
                 "top_k": self.top_k,
                 "routing": routers.serialize(self.routing),
                 "dropout": self.dropout,
-                "activation": keras.activations.serialize(self.activation),
+                "activation": activations.serialize(self.activation),
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "kernel_initializer": keras.initializers.serialize(
                     self.kernel_initializer

@@ -93,6 +93,13 @@ CASES = {
         dict(_QWEN, shared_expert_intermediate_size=12, norm_topk_prob=True),
         "gate",
     ),
+    "qwen3_5_moe_text": _Case(
+        "qwen3_5_moe",
+        "Qwen3_5MoeTextConfig",
+        "Qwen3_5MoeSparseMoeBlock",
+        dict(_QWEN, shared_expert_intermediate_size=12),
+        "gate",
+    ),
     "olmoe": _Case(
         "olmoe", "OlmoeConfig", "OlmoeSparseMoeBlock", _OLMOE, "gate"
     ),
@@ -144,6 +151,15 @@ CASES = {
         "DeepseekV2Moe",
         dict(_DEEPSEEK, topk_method="greedy", n_group=None, topk_group=None),
         "gate",
+    ),
+    "gpt_oss": _Case(
+        "gpt_oss",
+        "GptOssConfig",
+        "GptOssMLP",
+        # A limit the test block's pre-activations cross, so that both
+        # clamps act.
+        dict(_MIXTRAL, swiglu_limit=1.0),
+        "router",
     ),
     "switch_transformers": _Case(
         "switch_transformers",
@@ -208,6 +224,8 @@ def hf_block(case, batch=2, seq=8, seed=0, **config_overrides):
     )
     with torch.no_grad():
         outputs = block(torch.from_numpy(inputs))
+    if isinstance(outputs, tuple):  # GPT-OSS: (outputs, router scores)
+        outputs = outputs[0]
     (call,) = calls
     weights = {k: v.numpy().copy() for k, v in block.state_dict().items()}
     if spec.top_k_router:
@@ -216,6 +234,7 @@ def hf_block(case, batch=2, seq=8, seed=0, **config_overrides):
         indices = call[1].numpy()
         router = weights[f"{spec.router}.weight"]
         logits = inputs.reshape(batch * seq, d) @ router.T
+        logits = logits + weights.get(f"{spec.router}.bias", 0.0)
         kept = np.ones(batch * seq, bool)
     else:  # Switch: (hidden_states, (one-hot within capacity, prob, logits))
         within_capacity, _, logits = call[-1]

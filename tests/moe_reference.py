@@ -17,6 +17,9 @@ def layer_params(layer):
     if getattr(layer, "gating_network", None) is not None:
         names.append("router_kernel")
         values.append(layer.gating_network.router_kernel)
+        if layer.gating_network.use_bias:
+            names.append("router_bias")
+            values.append(layer.gating_network.router_bias)
     if hasattr(layer, "group_gating_network"):
         names.append("group_router_kernel")
         values.append(layer.group_gating_network.router_kernel)
@@ -64,13 +67,23 @@ def _activation(name):
         "relu": lambda v: np.maximum(v, 0.0),
         "linear": lambda v: v,
         "silu": lambda v: v / (1.0 + np.exp(-v)),
+        "quick_gelu": lambda v: v / (1.0 + np.exp(-1.702 * v)),
     }[name]
 
 
 def expert_output(
-    params, e, x, activation="relu", gated=False, prefix="expert"
+    params,
+    e,
+    x,
+    activation="relu",
+    gated=False,
+    prefix="expert",
+    glu_limit=None,
+    glu_linear_offset=0.0,
 ):
-    """Expert `e` (of the `prefix` stack) applied to one input vector `x`."""
+    """Expert `e` (of the `prefix` stack) applied to one input vector `x`;
+    with `glu_limit`, GPT-OSS's clamps: the gate at most the limit, the
+    linear half within +-limit, then `glu_linear_offset` added to it."""
     act = _activation(activation)
     h = x @ params[f"{prefix}_in_kernel"][e]
     if f"{prefix}_in_bias" in params:
@@ -79,7 +92,10 @@ def expert_output(
         g = x @ params[f"{prefix}_gate_kernel"][e]
         if f"{prefix}_gate_bias" in params:
             g = g + params[f"{prefix}_gate_bias"][e]
-        h = act(g) * h
+        if glu_limit is not None:
+            g = np.minimum(g, glu_limit)
+            h = np.clip(h, -glu_limit, glu_limit)
+        h = act(g) * (h + glu_linear_offset)
     else:
         h = act(h)
     y = h @ params[f"{prefix}_out_kernel"][e]
@@ -181,6 +197,7 @@ def route(
             choices.append(pairs)
         return choices, group_probs
     logits = tokens.astype(np.float64) @ params["router_kernel"]
+    logits = logits + params.get("router_bias", 0.0)
     probs = softmax(logits) if score_function == "softmax" else sigmoid(logits)
     num_experts = probs.shape[-1]
     if normalize is None:
@@ -211,6 +228,7 @@ def moe_forward(
     num_groups=None,
     group_k=1,
     expert_fns=None,
+    glu=None,
     **options,
 ):
     """Reference MoE layer output and per-pair kept flags.
@@ -222,14 +240,15 @@ def moe_forward(
     token has `group_k * k` choices; for `hash`, `k` is the number of
     experts. Shared experts in `params` are added to every unmasked output.
     `expert_fns`, one `(d,) -> (d_out,)` callable per expert, replaces the
-    stacked experts. `options` are `route()`'s top-k options.
+    stacked experts. `glu` is `expert_output`'s `glu_limit` and
+    `glu_linear_offset` as a dict. `options` are `route()`'s top-k options.
     """
     d = inputs.shape[-1]
     tokens = inputs.reshape(-1, d)
     token_mask = (
         np.ones(len(tokens), bool) if mask is None else mask.reshape(-1)
     )
-    expert = _experts(params, activation, gated, expert_fns)
+    expert = _experts(params, activation, gated, expert_fns, glu)
     num_experts = len(expert)
     if routing_keys is not None:
         routing_keys = np.asarray(routing_keys).reshape(-1)
@@ -267,13 +286,15 @@ def moe_forward(
     return outputs.reshape(inputs.shape[:-1] + (out_dim,)), kept
 
 
-def _experts(params, activation, gated, expert_fns):
+def _experts(params, activation, gated, expert_fns, glu=None):
     # One callable per expert: (d,) -> (d_out,). `expert_fns` stands for
     # experts that are arbitrary layers.
     if expert_fns is not None:
         return expert_fns
     return [
-        lambda x, e=e: expert_output(params, e, x, activation, gated)
+        lambda x, e=e: expert_output(
+            params, e, x, activation, gated, **(glu or {})
+        )
         for e in range(len(params["expert_in_kernel"]))
     ]
 
@@ -315,7 +336,8 @@ def expert_choice_forward(
     tokens = inputs.reshape(-1, d)
     num_tokens = len(tokens)
     token_mask = np.ones(num_tokens, bool) if mask is None else mask.reshape(-1)
-    probs = softmax(tokens.astype(np.float64) @ params["router_kernel"])
+    logits = tokens.astype(np.float64) @ params["router_kernel"]
+    probs = softmax(logits + params.get("router_bias", 0.0))
     num_experts = probs.shape[-1]
     capacity = math.ceil(capacity_factor * num_tokens / num_experts)
     capacity = max(1, min(num_tokens, capacity))

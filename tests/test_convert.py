@@ -40,6 +40,10 @@ needs_transformers = pytest.mark.skipif(
     importlib.util.find_spec("transformers") is None,
     reason="transformers is not installed (requirements-dev.txt)",
 )
+needs_keras_hub = pytest.mark.skipif(
+    importlib.util.find_spec("keras_hub") is None,
+    reason="keras-hub is not installed (requirements-dev.txt)",
+)
 # Models whose Hugging Face block has the fused transformers-5 experts and
 # whose checkpoints hold one matrix per expert.
 PER_EXPERT_LAYOUTS = ["mixtral", "qwen2_moe", "olmoe", "deepseek_v3"]
@@ -89,7 +93,9 @@ def test_parity_per_expert_layout_of_older_checkpoints(blocks, case):
 
 
 @needs_transformers
-@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize(
+    "case", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"]
+)
 def test_parity_on_rank_2_inputs_and_routing_decision(blocks, case):
     block = blocks(case)
     layer = from_transformers(block.config, block.weights)
@@ -104,7 +110,9 @@ def test_parity_on_rank_2_inputs_and_routing_decision(blocks, case):
 
 
 @needs_transformers
-@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize(
+    "case", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"]
+)
 def test_parity_expert_nobody_chose_changes_nothing(blocks, case):
     # Two tokens choose at most 2 * k of the experts.
     block = blocks(case, batch=1, seq=2)
@@ -140,6 +148,81 @@ def test_parity_selection_bias_changes_choices_not_weights(blocks):
     )
 
 
+@needs_transformers
+def test_parity_gpt_oss_router_bias_and_clamps_matter(blocks):
+    # The test block's router bias changes choices and its expert
+    # pre-activations cross `swiglu_limit`: parity needs both.
+    block = blocks("gpt_oss")
+    layer = from_transformers(block.config, block.weights)
+    assert layer.router.router_use_bias
+    assert layer.experts.glu_limit == block.config["swiglu_limit"] == 1.0
+    weights = dict(block.weights, **{"router.bias": np.zeros(8, "float32")})
+    chosen = from_transformers(block.config, weights).route(block.inputs)
+    assert not np.array_equal(
+        np.sort(ops.convert_to_numpy(chosen["expert_indices"]), -1),
+        np.sort(block.expert_indices, -1).reshape(chosen["kept"].shape),
+    )
+    unclamped = from_transformers(block.config, block.weights, glu_limit=None)
+    assert max_abs_diff(run(unclamped, block.inputs), block.outputs) > 1e-2
+
+
+@needs_transformers
+def test_parity_switch_router_with_bias(blocks):
+    block = blocks("switch_transformers", router_bias=True)
+    assert "router.classifier.bias" in block.weights
+    layer = from_transformers(block.config, block.weights)
+    assert max_abs_diff(run(layer, block.inputs), block.outputs) < TOLERANCE
+
+
+@needs_keras_hub
+def test_parity_keras_hub_gpt_oss_block():
+    # keras-hub's GPT-OSS block (every expert on every token), its weights
+    # re-drawn (the banks start at zero) under Hugging Face's names, with
+    # pre-activations that cross its fixed limit of 7.
+    from keras_hub.src.models.gpt_oss.gpt_oss_decoder import (
+        GptOssSparseMoeBlock,
+    )
+
+    d, h, num_experts, top_k = 16, 12, 8, 2
+    block = GptOssSparseMoeBlock(d, h, num_experts, top_k, dtype="float32")
+    block.build((None, None, d))
+    rng = np.random.default_rng(0)
+    scales = {
+        "router_dense/kernel": d**-0.5,
+        "router_dense/bias": 1.0,
+        "gate_up_proj": 4 * d**-0.5,
+        "gate_up_proj_bias": 1.0,
+        "down_proj": 0.1 * h**-0.5,
+        "down_proj_bias": 0.1,
+    }
+    for variable in block.weights:
+        (scale,) = [v for k, v in scales.items() if variable.path.endswith(k)]
+        variable.assign(rng.normal(size=variable.shape) * scale)
+    router, experts = block.router.router_dense, block.experts
+    weights = {
+        "router.weight": ops.convert_to_numpy(router.kernel).T,
+        "router.bias": router.bias,
+        "experts.gate_up_proj": experts.gate_up_proj,
+        "experts.gate_up_proj_bias": experts.gate_up_proj_bias,
+        "experts.down_proj": experts.down_proj,
+        "experts.down_proj_bias": experts.down_proj_bias,
+    }
+    weights = {k: ops.convert_to_numpy(v) for k, v in weights.items()}
+    config = {
+        "model_type": "gpt_oss",
+        "hidden_size": d,
+        "intermediate_size": h,
+        "num_local_experts": num_experts,
+        "num_experts_per_tok": top_k,
+    }
+    layer = from_transformers(config, weights)
+    inputs = rng.normal(size=(2, 8, d)).astype("float32")
+    gate_up = inputs @ weights["experts.gate_up_proj"][0]
+    assert (gate_up[..., ::2] > 7).any() and (gate_up[..., 1::2] < -7).any()
+    expected = ops.convert_to_numpy(block(inputs)[0])
+    assert max_abs_diff(run(layer, inputs), expected) < TOLERANCE
+
+
 # --- Training losses ---------------------------------------------------------
 
 
@@ -150,7 +233,7 @@ def training_losses(layer, inputs):
 
 @needs_transformers
 @pytest.mark.parametrize(
-    "case", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "jamba"]
+    "case", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "jamba", "gpt_oss"]
 )
 def test_load_balancing_loss_is_hugging_faces(blocks, case):
     block = blocks(case)
@@ -235,7 +318,7 @@ def test_switch_capacity_of_one_sequence_drops_the_same_tokens(blocks):
 
 
 @needs_transformers
-@pytest.mark.parametrize("case", ["qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("case", ["qwen2_moe", "deepseek_v3", "gpt_oss"])
 def test_converted_layer_round_trips_through_keras_file(blocks, case, tmp_path):
     block = blocks(case)
     layer = from_transformers(block.config, block.weights)
@@ -395,14 +478,8 @@ def test_mixtral_config_and_weights_convert():
             "A mixtral config needs `hidden_size`",
         ),
         (
-            {
-                "model_type": "switch_transformers",
-                "d_model": 4,
-                "d_ff": 3,
-                "num_experts": 2,
-                "router_bias": True,
-            },
-            "router has no bias.* Received: router_bias=True",
+            {**MIXTRAL_CONFIG, "model_type": "gpt_oss", "swiglu_alpha": 1.5},
+            "Received: swiglu_alpha=1.5",
         ),
         (
             {
@@ -480,7 +557,7 @@ def test_parity_on_other_backends(backend):
     result = run_pytest_on_backend(
         backend,
         "-k",
-        "parity and (mixtral or deepseek_v3 or selection_bias) "
+        "parity and (mixtral or deepseek_v3 or selection_bias or gpt_oss) "
         "and not other_backends",
         str(Path(__file__)),
     )

@@ -68,6 +68,79 @@ def test_experts_errors():
         moe.Experts(2, 0)
     with pytest.raises(ValueError, match="Received: weight_prefix=''"):
         moe.Experts(2, 3, weight_prefix="")
+    with pytest.raises(ValueError, match="Received: glu_limit=0"):
+        moe.Experts(2, 3, gated=True, glu_limit=0)
+    with pytest.raises(ValueError, match="Received: glu_linear_offset=nan"):
+        moe.Experts(2, 3, gated=True, glu_linear_offset=float("nan"))
+    with pytest.raises(ValueError, match="need `gated=True`.*gated=False"):
+        moe.Experts(2, 3, glu_limit=7.0)
+
+
+# GPT-OSS's clamped SwiGLU; a limit the random pre-activations cross.
+GPT_OSS_EXPERTS = dict(
+    activation="quick_gelu",
+    gated=True,
+    use_bias=True,
+    glu_limit=0.5,
+    glu_linear_offset=1.0,
+    bias_initializer="random_normal",
+)
+GPT_OSS_GLU = dict(glu_limit=0.5, glu_linear_offset=1.0)
+
+
+def test_gpt_oss_experts_equal_the_reference(tmp_path):
+    def make():
+        return moe.Experts(3, 5, output_dim=4, name="ex", **GPT_OSS_EXPERTS)
+
+    x = random_inputs((7, 6))
+    check_layer_contract(make, x, tmp_path=tmp_path)
+    keras.utils.set_random_seed(0)
+    experts = make()
+    out = to_numpy(experts(x))  # (3, 7, 4)
+    params = layer_params(experts)
+    for e in range(3):
+        gate = (
+            x @ params["expert_gate_kernel"][e] + params["expert_gate_bias"][e]
+        )
+        assert gate.max() > 0.5  # the clamp acts
+        for t in range(7):
+            want = expert_output(
+                params, e, x[t], "quick_gelu", True, **GPT_OSS_GLU
+            )
+            np.testing.assert_allclose(out[e, t], want, rtol=1e-5, atol=1e-6)
+    config = experts.get_config()
+    assert config["activation"] == "quick_gelu"
+    assert (config["glu_limit"], config["glu_linear_offset"]) == (0.5, 1.0)
+
+
+@pytest.mark.parametrize(
+    "dispatch",
+    ["dynamic", pytest.param("static", marks=NOT_ON_JAX), "grouped"],
+)
+def test_gpt_oss_moe_layer_equals_reference(dispatch, tmp_path):
+    # GPT-OSS: a router with a bias, softmax top-k renormalised, clamped
+    # SwiGLU experts with biases; every dispatch layout runs `expert_fn`.
+    def make():
+        return moe.MoELayer(
+            6, 5, top_k=2, router_use_bias=True, dispatch=dispatch,
+            **GPT_OSS_EXPERTS,
+        )  # fmt: skip
+
+    x = random_inputs((3, 4, 6))
+    mask = np.arange(4)[None, :] < np.array([4, 2, 1])[:, None]
+    keras.utils.set_random_seed(0)
+    layer = make()
+    layer.build((None, 6))
+    bias = np.random.default_rng(3).normal(size=6).astype("float32")
+    layer.gating_network.router_bias.assign(bias)
+    want, _ = moe_forward(
+        layer_params(layer), x, "top_k", 2, mask=mask,
+        activation="quick_gelu", gated=True, glu=GPT_OSS_GLU,
+    )  # fmt: skip
+    got = to_numpy(layer(x, mask=mask))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    if dispatch == "dynamic":
+        check_layer_contract(make, x, tmp_path=tmp_path)
 
 
 # --- Shared experts: their own width, Qwen2-MoE's gate ------------------------

@@ -82,6 +82,29 @@ def test_config_round_trip_and_errors():
     for bad in (float("nan"), -0.1, 1.0, "0.1"):
         with pytest.raises(ValueError, match="Received: jitter_noise="):
             moe.GatingNetwork(num_experts=4, jitter_noise=bad)
+    with pytest.raises(ValueError, match="Received: use_bias=1"):
+        moe.GatingNetwork(num_experts=4, use_bias=1)
+
+
+def test_bias_is_added_to_the_logits(tmp_path):
+    def make():
+        return moe.GatingNetwork(4, top_k=2, use_bias=True, name="gate")
+
+    x = np.random.default_rng(0).normal(size=(8, 6)).astype("float32")
+    check_layer_contract(
+        make,
+        x,
+        output_fn=lambda decision: decision["router_probs"],
+        tmp_path=tmp_path,
+    )
+    router = make()
+    router.build((None, 6))
+    bias = np.array([0.5, -1.0, 2.0, 0.0], "float32")
+    router.router_bias.assign(bias)
+    logits = keras.ops.convert_to_numpy(router(x)["router_logits"])
+    kernel = keras.ops.convert_to_numpy(router.router_kernel)
+    np.testing.assert_allclose(logits, x @ kernel + bias, rtol=1e-6, atol=1e-6)
+    assert router.get_config()["use_bias"] is True
 
 
 def test_symbolic_call_in_functional_model():

@@ -58,9 +58,11 @@ def numpy_experts(layer, x, quantize_inputs):
     `(E, n, d_out)`."""
     v = {w.name: to_numpy(w) for w in layer.weights}
     p = layer.weight_prefix
-    act = {"relu": lambda h: np.maximum(h, 0.0)}.get(
-        layer.get_config()["activation"], lambda h: h / (1 + np.exp(-h))
-    )
+    act = {
+        "relu": lambda h: np.maximum(h, 0.0),
+        "quick_gelu": lambda h: h / (1 + np.exp(-1.702 * h)),
+    }.get(layer.get_config()["activation"], lambda h: h / (1 + np.exp(-h)))
+    limit = layer.glu_limit
     outputs = []
     for e in range(layer.num_experts):
 
@@ -76,7 +78,11 @@ def numpy_experts(layer, x, quantize_inputs):
 
         hidden = linear(x, "in")
         if layer.gated:
-            hidden = act(linear(x, "gate")) * hidden
+            gate = linear(x, "gate")
+            if limit is not None:  # GPT-OSS's clamps
+                gate = np.minimum(gate, limit)
+                hidden = np.clip(hidden, -limit, limit)
+            hidden = act(gate) * (hidden + layer.glu_linear_offset)
         else:
             hidden = act(hidden)
         outputs.append(linear(hidden, "out"))
@@ -85,10 +91,17 @@ def numpy_experts(layer, x, quantize_inputs):
 
 @pytest.mark.parametrize("weight_only", [False, True])
 @pytest.mark.parametrize(
-    "gated, use_bias, activation",
-    [(False, True, "relu"), (True, False, "silu")],
+    "gated, use_bias, activation, glu",
+    [
+        (False, True, "relu", {}),
+        (True, False, "silu", {}),
+        # GPT-OSS's clamped SwiGLU with biases.
+        (True, True, "quick_gelu", dict(glu_limit=1.0, glu_linear_offset=1.0)),
+    ],
 )
-def test_int8_experts_match_numpy(weight_only, gated, use_bias, activation):
+def test_int8_experts_match_numpy(
+    weight_only, gated, use_bias, activation, glu
+):
     experts = moe.Experts(
         num_experts=3,
         hidden_dim=16,
@@ -96,6 +109,7 @@ def test_int8_experts_match_numpy(weight_only, gated, use_bias, activation):
         use_bias=use_bias,
         activation=activation,
         bias_initializer="random_normal",
+        **glu,
     )
     x = np.random.default_rng(0).normal(size=(5, 8)).astype("float32")
     float_out = to_numpy(experts(x))

@@ -51,6 +51,8 @@ CASES = {
     "biased_switch_cf1": dict(
         routing="switch", selection_bias=True, capacity_factor=1.0
     ),
+    # GPT-OSS: the router's linear map has a bias.
+    "router_bias": dict(top_k=2, router_use_bias=True),
 }
 
 
@@ -64,6 +66,9 @@ def make_layer(case, **overrides):
         # A bias large enough to change choices.
         bias = np.random.default_rng(5).normal(size=8).astype("float32")
         layer.selection_bias.assign(bias * 0.3)
+    if layer.router.router_use_bias:
+        bias = np.random.default_rng(6).normal(size=8).astype("float32")
+        layer.gating_network.router_bias.assign(bias)
     return layer
 
 
@@ -102,6 +107,8 @@ def reference(layer, x, mask=None):
         pytest.param("switch_normalized", "dynamic", marks=NOT_ON_JAX),
         ("biased_switch_cf1", "static"),
         pytest.param("biased_switch_cf1", "dynamic", marks=NOT_ON_JAX),
+        ("router_bias", "dynamic"),
+        pytest.param("router_bias", "static", marks=NOT_ON_JAX),
     ],
 )
 def test_outputs_and_routes_equal_reference(case, dispatch):
@@ -132,6 +139,25 @@ def test_selection_bias_changes_the_choice_not_the_weights():
     # Its weight is its unbiased probability, not biased by 10.
     probs = to_numpy(layer.gating_network(x)["router_probs"])
     np.testing.assert_allclose(after["expert_weights"][:, 0], probs[:, 5], 1e-6)
+
+
+def test_router_bias_is_softmax_over_the_top_k_biased_logits():
+    # GPT-OSS's router: top-k of the biased logits, then a softmax over
+    # those k: the renormalised top-k of the softmax, to float32 precision.
+    layer = make_layer("router_bias")
+    x = random_inputs((64, 6))
+    logits = x @ to_numpy(layer.gating_network.router_kernel)
+    logits = logits + to_numpy(layer.gating_network.router_bias)
+    indices = np.argsort(-logits, axis=-1, kind="stable")[:, :2]
+    top = np.take_along_axis(logits, indices, -1)
+    weights = np.exp(top - top.max(-1, keepdims=True))
+    weights = weights / weights.sum(-1, keepdims=True)
+    route = layer.route(x)
+    np.testing.assert_array_equal(to_numpy(route["expert_indices"]), indices)
+    assert np.abs(to_numpy(route["expert_weights"]) - weights).max() <= 1e-6
+    # The bias changes choices.
+    unbiased = logits - to_numpy(layer.gating_network.router_bias)
+    assert not np.array_equal(np.argsort(-unbiased, -1)[:, :2], indices)
 
 
 def test_group_limited_selection_stays_within_the_chosen_groups():
@@ -315,6 +341,7 @@ def test_options_round_trip_with_trained_bias(tmp_path):
         ),
         (dict(normalize_top_k="yes"), "Received: normalize_top_k='yes'"),
         (dict(selection_bias=1), "Received: selection_bias=1"),
+        (dict(router_use_bias="yes"), "Received: router_use_bias='yes'"),
         (
             dict(routing="hash", score_function="sigmoid"),
             "`score_function` is not used by `routing='hash'`",

@@ -12,11 +12,13 @@ arguments, and the names of the block's weights (`moe.convert.family`). The
 experts are read in either layout checkpoints hold: fused and stacked
 (`experts.gate_up_proj` `(E, 2h, d)`, `experts.down_proj` `(E, d, h)`, the
 layout of transformers 5) or one matrix per expert (`experts.0.w1.weight`,
-`experts.0.gate_proj.weight`, ..., transformers 4 and most checkpoints).
-Hugging Face stores linear weights `(out, in)`; Keras kernels are `(in, out)`.
+`experts.0.gate_proj.weight`, ..., transformers 4 and most checkpoints);
+GPT-OSS's fused ones are `(E, d, 2h)` and `(E, h, d)`, gate and up
+interleaved, with biases. Hugging Face stores linear weights `(out, in)`;
+Keras kernels are `(in, out)`.
 """
 
-from moe.convert import deepseek, mixtral, qwen, switch
+from moe.convert import deepseek, gpt_oss, mixtral, qwen, switch
 from moe.convert.config import read
 from moe.convert.weights import WeightReader, assign, layer_values
 from moe.moe_layer import MoELayer
@@ -29,6 +31,7 @@ FAMILIES = {
     **qwen.FAMILIES,
     **deepseek.FAMILIES,
     **switch.FAMILIES,
+    **gpt_oss.FAMILIES,
 }
 
 
@@ -101,7 +104,9 @@ def from_transformers(config, weights, **layer_arguments):
             or arguments["hidden_dim"],
         },
     )
-    values = layer_values(family, reader)
+    values = layer_values(
+        family, reader, arguments.get("router_use_bias", False)
+    )
     reader.check_allread()
     layer = MoELayer(**arguments)
     layer.build((None, model_dim))

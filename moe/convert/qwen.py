@@ -5,14 +5,16 @@ from moe.convert.config import read, top_k_arguments
 from moe.convert.family import Family
 
 
-def softmax_top_k(hidden_dim_key, aux_default):
+def softmax_top_k(hidden_dim_key, aux_default, normalize_default=False):
     """Qwen-MoE, OLMoE, Jamba: softmax, top-k renormalised if
-    `norm_topk_prob`, a shared expert with a sigmoid gate if
-    `shared_expert_intermediate_size`."""
+    `norm_topk_prob` (Qwen3.5-MoE has no such key: always), a shared expert
+    with a sigmoid gate if `shared_expert_intermediate_size`."""
 
     def arguments(config):
         model_type = config["model_type"]
-        normalize = read(config, model_type, "norm_topk_prob", default=False)
+        normalize = read(
+            config, model_type, "norm_topk_prob", default=normalize_default
+        )
         aux = read(
             config, model_type, "router_aux_loss_coef", default=aux_default
         )
@@ -39,6 +41,13 @@ _OLMOE = Family(softmax_top_k("intermediate_size", 0.01))
 FAMILIES = {
     "qwen2_moe": _QWEN_MOE,
     "qwen3_next": _QWEN_MOE,
+    # Qwen3.5-MoE's text model (`config["text_config"]` of a `qwen3_5_moe`
+    # checkpoint): Qwen3-Next's block, always renormalised.
+    "qwen3_5_moe_text": Family(
+        softmax_top_k("moe_intermediate_size", 0.001, normalize_default=True),
+        shared_experts="shared_expert",
+        shared_expert_gate="shared_expert_gate",
+    ),
     "qwen3_moe": Family(softmax_top_k("moe_intermediate_size", 0.001)),
     "olmoe": _OLMOE,
     "flex_olmo": _OLMOE,

@@ -9,16 +9,14 @@ def arguments(config):
     # Top-1 with the router's probability as the weight; ReLU FFN experts.
     # Hugging Face drops the tokens beyond `expert_capacity` per sequence;
     # the converted layer keeps them all (see docs/convert.md).
-    if config.get("router_bias"):
-        raise ValueError(
-            "`MoELayer`'s router has no bias: a switch_transformers block "
-            "needs `router_bias=False`. Received: router_bias=True"
-        )
     model_type = "switch_transformers"
     return {
         "num_experts": read(config, model_type, "num_experts"),
         "hidden_dim": read(config, model_type, "d_ff"),
         "routing": "switch",
+        "router_use_bias": bool(
+            read(config, model_type, "router_bias", default=False)
+        ),
         "capacity_factor": None,
         "activation": activation(config, model_type, "dense_act_fn"),
         "gated": False,
@@ -39,6 +37,7 @@ FAMILIES = {
     "switch_transformers": Family(
         arguments,
         router="router.classifier.weight",
+        router_bias="router.classifier.bias",
         experts=ExpertNames(
             (None, "experts.expert_{e}.wi", "experts.expert_{e}.wo"),
             fused=False,

@@ -3,9 +3,11 @@
 import numpy as np
 
 
-def layer_values(family, reader):
+def layer_values(family, reader, router_use_bias=False):
     """The layer's variable values, by variable name, from the block's."""
     values = {"router_kernel": reader.read(family.router, "Ed").T}
+    if router_use_bias:
+        values["router_bias"] = reader.read(family.router_bias, "E")
     if family.selection_bias:
         values["selection_bias"] = reader.read(family.selection_bias, "E")
     values.update(_expert_values(family.experts, reader))
@@ -27,23 +29,48 @@ def layer_values(family, reader):
 
 
 def _expert_values(experts, reader):
-    # Stacked `(E, in, out)` kernels from either layout.
-    if experts.fused and reader.has("experts.gate_up_proj"):
-        gate_up = reader.read("experts.gate_up_proj", "E2d")  # (E, 2h, d)
-        gate, up = np.split(gate_up, 2, axis=1)
-        down = reader.read("experts.down_proj", "Edh")
+    # Stacked `(E, in, out)` kernels (and `(E, out)` biases) from either
+    # layout.
+    biases = {}
+    if experts.per_expert is None or (
+        experts.fused and reader.has("experts.gate_up_proj")
+    ):
+        if experts.in_out:
+            gate_up = reader.read("experts.gate_up_proj", "Ed2")
+            down = reader.read("experts.down_proj", "Ehd")
+        else:
+            gate_up = np.swapaxes(
+                reader.read("experts.gate_up_proj", "E2d"), 1, 2
+            )
+            down = np.swapaxes(reader.read("experts.down_proj", "Edh"), 1, 2)
+        gate, up = _split_gate_up(gate_up, experts.interleaved)
+        if experts.biases:
+            gate_up_bias = reader.read("experts.gate_up_proj_bias", "E2")
+            biases["expert_gate_bias"], biases["expert_in_bias"] = (
+                _split_gate_up(gate_up_bias, experts.interleaved)
+            )
+            biases["expert_out_bias"] = reader.read(
+                "experts.down_proj_bias", "Ed"
+            )
     else:
         gate_name, up_name, down_name = experts.per_expert
-        up = reader.stack(up_name, "hd")
-        down = reader.stack(down_name, "dh")
-        gate = None if gate_name is None else reader.stack(gate_name, "hd")
-    values = {
-        "expert_in_kernel": np.swapaxes(up, 1, 2),
-        "expert_out_kernel": np.swapaxes(down, 1, 2),
-    }
+        up = np.swapaxes(reader.stack(up_name, "hd"), 1, 2)
+        down = np.swapaxes(reader.stack(down_name, "dh"), 1, 2)
+        gate = None
+        if gate_name is not None:
+            gate = np.swapaxes(reader.stack(gate_name, "hd"), 1, 2)
+    values = {"expert_in_kernel": up, "expert_out_kernel": down, **biases}
     if gate is not None:
-        values["expert_gate_kernel"] = np.swapaxes(gate, 1, 2)
+        values["expert_gate_kernel"] = gate
     return values
+
+
+def _split_gate_up(gate_up, interleaved):
+    # `(..., 2h)` -> the gate's and the up projection's `(..., h)`: halves,
+    # or (interleaved) the even and the odd columns.
+    if interleaved:
+        return gate_up[..., 0::2], gate_up[..., 1::2]
+    return np.split(gate_up, 2, axis=-1)
 
 
 def assign(layer, values):

@@ -12,8 +12,8 @@ class HashRouter(Router):
     called as `layer(x, routing_key=ids)` and key `n` goes to expert
     `moe.routing.hash_routing(n)` with weight 1, the same on every backend.
     `capacity_factor` applies; no losses, and the learned-router arguments
-    (loss weights, noise, jitter, initializer, seed) have no effect. See
-    `docs/layers.md`.
+    (loss weights, noise, jitter, initializer, bias, seed) have no effect.
+    See `docs/layers.md`.
 
     Args:
         num_experts: int >= 1.

@@ -71,6 +71,8 @@ class Router(keras.layers.Layer):
             training. Defaults to `0.0`.
         router_initializer: initializer of the router kernels. Defaults to
             `"glorot_uniform"`.
+        router_use_bias: bool, the router's linear map has a learned bias
+            (`GatingNetwork(use_bias=True)`; GPT-OSS). Defaults to `False`.
         seed: int or `None`, seed of the noise and jitter.
         **kwargs: base layer arguments. `dtype` defaults to `"float32"`:
             routing decisions are made in float32 whatever the policy.
@@ -114,6 +116,7 @@ class Router(keras.layers.Layer):
         router_noise=False,
         router_jitter=0.0,
         router_initializer="glorot_uniform",
+        router_use_bias=False,
         seed=None,
         **kwargs,
     ):
@@ -125,6 +128,7 @@ class Router(keras.layers.Layer):
         validation.number("aux_loss_weight", aux_loss_weight, minimum=0)
         validation.number("z_loss_weight", z_loss_weight, minimum=0)
         validation.boolean("router_noise", router_noise)
+        validation.boolean("router_use_bias", router_use_bias)
         validation.number(
             "router_jitter", router_jitter, minimum=0, maximum=1, max_open=True
         )
@@ -139,6 +143,7 @@ class Router(keras.layers.Layer):
         self.router_noise = router_noise
         self.router_jitter = router_jitter
         self.router_initializer = keras.initializers.get(router_initializer)
+        self.router_use_bias = router_use_bias
         self.seed = seed
 
     @property
@@ -266,6 +271,7 @@ class Router(keras.layers.Layer):
             noisy=self.router_noise,
             jitter_noise=self.router_jitter,
             kernel_initializer=self.router_initializer,
+            use_bias=self.router_use_bias,
             seed=seed,
             dtype="float32",
             name=name,
@@ -308,6 +314,7 @@ class Router(keras.layers.Layer):
                 "router_initializer": keras.initializers.serialize(
                     self.router_initializer
                 ),
+                "router_use_bias": self.router_use_bias,
                 "seed": self.seed,
             }
         )
