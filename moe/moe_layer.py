@@ -48,9 +48,10 @@ class MoELayer(MoELayerCompat, keras.layers.Layer):
             validated by the router of `routing` (`moe.routers`).
         activation, gated, use_bias, kernel_initializer, bias_initializer:
             the experts' (`moe.Experts`).
-        dispatch: `"auto"`, `"dynamic"`, `"static"` or `"grouped"`, the
-            layout of the sparse dispatch (`moe.dispatch`); all give the
-            same outputs.
+        dispatch: `"auto"`, `"dynamic"`, `"static"`, `"grouped"` or
+            `"gather"`, the layout of the sparse dispatch (`moe.dispatch`;
+            `"auto"` picks by token count and backend); all give the same
+            outputs.
         num_shared_experts: int >= 0, always-on experts (weight 1).
         shared_expert_hidden_dim: int or `None` (`hidden_dim`), their width.
         shared_expert_gate: bool, scale their output per input by

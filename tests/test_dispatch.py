@@ -18,7 +18,7 @@ from keras import ops
 import moe
 from moe import dispatch
 
-LAYOUTS = ("dynamic", "static", "grouped")
+LAYOUTS = ("dynamic", "static", "grouped", "gather")
 NUM_TOKENS, DIM, HIDDEN, NUM_EXPERTS, TOP_K = 24, 8, 12, 4, 2
 
 
@@ -171,6 +171,48 @@ def test_unselected_expert_changes_nothing(layout):
     np.testing.assert_array_equal(out, out_perturbed)
 
 
+@pytest.mark.parametrize("num_tokens", [1, 3])
+@pytest.mark.parametrize("capacity_factor", [None, 0.6])
+def test_few_tokens_every_layout_agrees(num_tokens, capacity_factor):
+    # Decode-sized calls: the gather layout `"auto"` picks there against
+    # every other layout, outputs and gradients.
+    rng = np.random.default_rng(11)
+    layer = _experts()
+    params = [ops.convert_to_numpy(p) for p in layer.stacked_weights]
+    x = rng.normal(size=(num_tokens, DIM)).astype("float32")
+    indices = np.stack(
+        [rng.choice(NUM_EXPERTS, TOP_K, replace=False) for _ in x]
+    ).astype("int32")
+    weights = rng.uniform(0.1, 1.0, (num_tokens, TOP_K)).astype("float32")
+    mask = np.arange(num_tokens) != 1  # token 1, if any, is masked
+    upstream = rng.normal(size=(num_tokens, DIM)).astype("float32")
+    results = {}
+    for layout in ("auto",) + LAYOUTS:
+        if layout == "dynamic" and keras.backend.backend() == "jax":
+            continue
+        fn = _dispatch(layer, indices, mask, layout, capacity_factor, upstream)
+        results[layout] = _value_and_grads(fn, [x, weights, *params])
+    out, grads = results.pop("gather")
+    for layout, (other_out, other_grads) in results.items():
+        np.testing.assert_allclose(out, other_out, atol=1e-5, err_msg=layout)
+        for grad, other in zip(grads, other_grads):
+            np.testing.assert_allclose(grad, other, atol=1e-5, err_msg=layout)
+
+
+def test_auto_picks_gather_for_few_tokens_only():
+    k = TOP_K
+    few = dispatch.GATHER_MAX_PAIRS // k
+    for num_tokens, expected in ((1, "gather"), (few, "gather")):
+        tokens = ops.zeros((num_tokens, DIM))
+        assert dispatch.choose_layout(tokens, k, "auto") == expected
+    tokens = ops.zeros((few + 1, DIM))
+    assert dispatch.choose_layout(tokens, k, "auto") != "gather"
+    assert dispatch.choose_layout(tokens, k, "gather") == "gather"
+    assert dispatch.choose_layout(ops.zeros((1, DIM)), k, "static") == (
+        "blocks"
+    )
+
+
 def test_auto_keeps_the_cpu_layouts_on_cpu():
     tokens = ops.zeros((4, DIM))
     assert not dispatch.use_grouped_layout(tokens, "auto")
@@ -193,6 +235,29 @@ def test_layouts_on_other_backend(backend):
         "not other_backend",
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("num_tokens", [1, 64])
+def test_auto_under_xla_and_graph_equals_eager(num_tokens):
+    # `"auto"` decides from the static token count while tracing: gather for
+    # one token, padded blocks (XLA) or dynamic groups (graph) for more.
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("TensorFlow graphs and XLA")
+    import tensorflow as tf
+
+    layer = moe.MoELayer(NUM_EXPERTS, HIDDEN, top_k=TOP_K, gated=True)
+    x = np.random.default_rng(7).normal(size=(num_tokens, DIM))
+    x = x.astype("float32")
+    eager = moe.MoELayer.from_config(
+        {**layer.get_config(), "dispatch": "dynamic"}
+    )
+    eager(x)
+    layer(x)
+    eager.set_weights(layer.get_weights())
+    expected = ops.convert_to_numpy(eager(x))
+    for jit_compile in (False, True):
+        out = tf.function(layer, jit_compile=jit_compile)(x)
+        np.testing.assert_allclose(out.numpy(), expected, atol=1e-5)
 
 
 def test_grouped_under_xla_is_refused_on_tensorflow():

@@ -26,6 +26,13 @@ what the backend needs (one module each):
   layout, every expert matmul one grouped matmul (`jax.lax.ragged_dot`,
   `torch._grouped_mm`). Exactly `k * tokens` rows; what `"auto"` picks on
   a GPU or TPU.
+- `gather_dispatch` (few tokens, static): each pair gathers its own
+  expert's weights, `(pairs, d, h)`, and runs as one row of a batched
+  matmul; a one-token call reads `k` experts' weights instead of `E`.
+  What `"auto"` picks when `k * tokens` is small and known
+  (`choose_layout`: decode).
+
+`choose_layout` is the one place the layout of a call is decided.
 
 A non-chosen expert is never computed on a token: buffer rows that no pair
 fills hold zeros and are never read back. `moe.dispatch.backend` is the
@@ -43,6 +50,7 @@ from moe.dispatch.dense import (
     soft_dispatch,
 )
 from moe.dispatch.dynamic import dynamic_dispatch
+from moe.dispatch.gather import gather_dispatch
 from moe.dispatch.grouped import grouped_dispatch
 from moe.dispatch.pairs import (
     expert_capacity,
@@ -53,6 +61,8 @@ from moe.dispatch.pairs import (
 )
 from moe.dispatch.sparse import (
     DISPATCH_MODES,
+    GATHER_MAX_PAIRS,
+    choose_layout,
     sparse_dispatch,
     use_grouped_layout,
     use_static_layout,
@@ -65,14 +75,17 @@ from moe.dispatch.static import (
 
 __all__ = [
     "DISPATCH_MODES",
+    "GATHER_MAX_PAIRS",
     "block_dispatch",
     "block_size_for",
     "capacity_dispatch",
+    "choose_layout",
     "dense_experts",
     "dynamic_dispatch",
     "expert_capacity",
     "expert_choice_dispatch",
     "flatten_pairs",
+    "gather_dispatch",
     "grouped_dispatch",
     "has_grouped_matmul",
     "kept_pairs",

@@ -8,6 +8,7 @@ from moe.dispatch.backend import (
     shapes_must_be_static,
 )
 from moe.dispatch.dynamic import dynamic_dispatch
+from moe.dispatch.gather import gather_dispatch
 from moe.dispatch.grouped import grouped_dispatch
 from moe.dispatch.pairs import (
     expert_capacity,
@@ -17,7 +18,13 @@ from moe.dispatch.pairs import (
 )
 from moe.dispatch.static import block_dispatch, capacity_dispatch
 
-DISPATCH_MODES = ("auto", "dynamic", "static", "grouped")
+DISPATCH_MODES = ("auto", "dynamic", "static", "grouped", "gather")
+
+# `"auto"` gathers each pair's expert weights (`gather_dispatch`) up to this
+# many (token, expert) pairs, `k * tokens`, when the token count is known
+# while tracing. Measured in `bench/README.md` (`keras_hub_block.py
+# --crossover`).
+GATHER_MAX_PAIRS = 16
 
 
 def use_static_layout(tokens, mode):
@@ -25,8 +32,8 @@ def use_static_layout(tokens, mode):
 
     `mode` is the layer's `dispatch` argument: `"static"` always,
     `"dynamic"` never (an error under a compiler, which needs static
-    shapes), `"auto"` (and `"grouped"`, for layers without stacked
-    weights) when a compiler traces the call.
+    shapes), `"auto"` (and `"grouped"` and `"gather"`, for layers without
+    stacked weights) when a compiler traces the call.
     """
     if mode == "static":
         return True
@@ -61,6 +68,41 @@ def use_grouped_layout(tokens, mode):
     return mode == "auto" and has_grouped_matmul() and on_accelerator(tokens)
 
 
+def choose_layout(tokens, top_k, mode, capacity_factor=None):
+    """The layout of one token-choice call: the one place `"auto"` decides.
+
+    Args:
+        tokens: `(T, d)`, the call's tokens (their static shape and the
+            tracing context decide).
+        top_k: int, pairs per token.
+        mode: the layer's `dispatch` argument (`DISPATCH_MODES`).
+        capacity_factor: float or `None` (dropless).
+
+    Returns:
+        `"gather"` (`gather_dispatch`), `"grouped"` (`grouped_dispatch`),
+        `"dynamic"` (`dynamic_dispatch`), `"capacity"`
+        (`capacity_dispatch`) or `"blocks"` (`block_dispatch`).
+        `"auto"` takes `"gather"` when `top_k * T` is known and at most
+        `GATHER_MAX_PAIRS` (decode: a call then reads `k * T` experts'
+        weights, not all of them); else a grouped matmul on an
+        accelerator; else dynamic groups where shapes may be dynamic
+        (TensorFlow graphs and eager, PyTorch eager); else a capacity
+        buffer with `capacity_factor`, padded blocks without.
+    """
+    num_tokens = tokens.shape[0]
+    if mode == "gather" or (
+        mode == "auto"
+        and isinstance(num_tokens, int)
+        and num_tokens * top_k <= GATHER_MAX_PAIRS
+    ):
+        return "gather"
+    if use_grouped_layout(tokens, mode):
+        return "grouped"
+    if not use_static_layout(tokens, mode):
+        return "dynamic"
+    return "blocks" if capacity_factor is None else "capacity"
+
+
 def sparse_dispatch(
     tokens,
     expert_indices,
@@ -82,23 +124,22 @@ def sparse_dispatch(
         expert_fn: `expert_fn(x, *params) -> y`.
         capacity_factor: float or `None` (dropless): each expert takes at
             most `expert_capacity(...)` pairs, first choices first.
-        mode: `"auto"`, `"dynamic"`, `"static"` (`use_static_layout`) or
-            `"grouped"` (`use_grouped_layout`).
+        mode: `"auto"`, `"dynamic"`, `"static"`, `"grouped"` or
+            `"gather"` (`choose_layout`).
 
     Returns:
         `(outputs (T, d_out), dropped)`: `dropped` is the float32 fraction
         of routed pairs dropped for capacity.
     """
-    k = ops.shape(expert_indices)[1]
+    k = expert_indices.shape[1]
     num_experts = ops.shape(experts[0])[0]
-    grouped = use_grouped_layout(tokens, mode)
-    static = not grouped and use_static_layout(tokens, mode)
+    layout = choose_layout(tokens, k, mode, capacity_factor)
     # (k * T,) slot-major pairs; unrouted pairs have expert `E`.
     pair_experts, pair_weights = flatten_pairs(
         expert_indices, expert_weights, token_mask, num_experts
     )
     dropped = ops.zeros((), "float32")
-    if capacity_factor is not None or static:
+    if capacity_factor is not None or layout == "blocks":
         positions, counts = positions_in_expert(pair_experts, num_experts)
     if capacity_factor is not None:
         capacity = expert_capacity(
@@ -109,17 +150,21 @@ def sparse_dispatch(
         dropped = 1.0 - ops.sum(ops.cast(kept, "float32")) / ops.maximum(
             ops.sum(ops.cast(routed, "float32")), 1.0
         )
-    if not static and capacity_factor is not None:
-        pair_experts = ops.where(kept, pair_experts, num_experts)
-    if grouped:
+        if layout != "capacity":
+            pair_experts = ops.where(kept, pair_experts, num_experts)
+    if layout == "gather":
+        outputs = gather_dispatch(
+            tokens, pair_experts, pair_weights, k, experts, expert_fn
+        )
+    elif layout == "grouped":
         outputs = grouped_dispatch(
             tokens, pair_experts, pair_weights, experts, expert_fn
         )
-    elif not static:
+    elif layout == "dynamic":
         outputs = dynamic_dispatch(
             tokens, pair_experts, pair_weights, k, experts, expert_fn
         )
-    elif capacity_factor is not None:
+    elif layout == "capacity":
         outputs = capacity_dispatch(
             tokens,
             pair_experts,
