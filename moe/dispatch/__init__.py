@@ -21,7 +21,11 @@ what the backend needs (one module each):
   multiplied by its own expert's weights. At most
   `k * tokens + experts * (block_size - 1)` rows, static shapes, no drops
   (the layout of MegaBlocks, Gale et al., 2022). Used by compilers (XLA/JAX)
-  when `capacity_factor=None`.
+  when `capacity_factor=None` and the loads do not fit a buffer.
+- `fitted_dispatch` (dropless, static): what `"auto"` runs under a
+  compiler: a capacity buffer of `FITTED_CAPACITY_FACTOR` when every
+  expert's load fits (per-expert matmuls, no weight copies), else the
+  padded blocks; one `ops.cond`, one branch runs.
 - `grouped_dispatch` (dropless, static): the sorted rows of the dynamic
   layout, every expert matmul one grouped matmul (`jax.lax.ragged_dot`,
   `torch._grouped_mm`). Exactly `k * tokens` rows; what `"auto"` picks on
@@ -29,8 +33,8 @@ what the backend needs (one module each):
 - `gather_dispatch` (few tokens, static): each pair gathers its own
   expert's weights, `(pairs, d, h)`, and runs as one row of a batched
   matmul; a one-token call reads `k` experts' weights instead of `E`.
-  What `"auto"` picks when `k * tokens` is small and known
-  (`choose_layout`: decode).
+  What `"auto"` picks under a compiler when `k * tokens` is known and at
+  most `experts` (`choose_layout`: decode).
 
 `choose_layout` is the one place the layout of a call is decided.
 
@@ -61,21 +65,22 @@ from moe.dispatch.pairs import (
 )
 from moe.dispatch.sparse import (
     DISPATCH_MODES,
-    GATHER_MAX_PAIRS,
     choose_layout,
     sparse_dispatch,
     use_grouped_layout,
     use_static_layout,
 )
 from moe.dispatch.static import (
+    FITTED_CAPACITY_FACTOR,
     block_dispatch,
     block_size_for,
     capacity_dispatch,
+    fitted_dispatch,
 )
 
 __all__ = [
     "DISPATCH_MODES",
-    "GATHER_MAX_PAIRS",
+    "FITTED_CAPACITY_FACTOR",
     "block_dispatch",
     "block_size_for",
     "capacity_dispatch",
@@ -84,6 +89,7 @@ __all__ = [
     "dynamic_dispatch",
     "expert_capacity",
     "expert_choice_dispatch",
+    "fitted_dispatch",
     "flatten_pairs",
     "gather_dispatch",
     "grouped_dispatch",

@@ -16,15 +16,9 @@ from moe.dispatch.pairs import (
     positions_in_expert,
     static_dim,
 )
-from moe.dispatch.static import block_dispatch, capacity_dispatch
+from moe.dispatch.static import capacity_dispatch, fitted_dispatch
 
 DISPATCH_MODES = ("auto", "dynamic", "static", "grouped", "gather")
-
-# `"auto"` gathers each pair's expert weights (`gather_dispatch`) up to this
-# many (token, expert) pairs, `k * tokens`, when the token count is known
-# while tracing. Measured in `bench/README.md` (`keras_hub_block.py
-# --crossover`).
-GATHER_MAX_PAIRS = 16
 
 
 def use_static_layout(tokens, mode):
@@ -68,39 +62,51 @@ def use_grouped_layout(tokens, mode):
     return mode == "auto" and has_grouped_matmul() and on_accelerator(tokens)
 
 
-def choose_layout(tokens, top_k, mode, capacity_factor=None):
+def choose_layout(tokens, top_k, num_experts, mode, capacity_factor=None):
     """The layout of one token-choice call: the one place `"auto"` decides.
 
     Args:
         tokens: `(T, d)`, the call's tokens (their static shape and the
             tracing context decide).
         top_k: int, pairs per token.
+        num_experts: int.
         mode: the layer's `dispatch` argument (`DISPATCH_MODES`).
         capacity_factor: float or `None` (dropless).
 
     Returns:
         `"gather"` (`gather_dispatch`), `"grouped"` (`grouped_dispatch`),
         `"dynamic"` (`dynamic_dispatch`), `"capacity"`
-        (`capacity_dispatch`) or `"blocks"` (`block_dispatch`).
-        `"auto"` takes `"gather"` when `top_k * T` is known and at most
-        `GATHER_MAX_PAIRS` (decode: a call then reads `k * T` experts'
-        weights, not all of them); else a grouped matmul on an
-        accelerator; else dynamic groups where shapes may be dynamic
-        (TensorFlow graphs and eager, PyTorch eager); else a capacity
-        buffer with `capacity_factor`, padded blocks without.
+        (`capacity_dispatch`), `"blocks"` (`block_dispatch`) or
+        `"fitted"` (`capacity_dispatch` when every expert's load fits a
+        buffer (`moe.dispatch.static`), else `block_dispatch`: one
+        `ops.cond`, one branch runs, dropless either way).
+
+    `"auto"` takes, in order: a grouped matmul on an accelerator; dynamic
+    groups where shapes may be dynamic (TensorFlow graphs and eager,
+    PyTorch eager: no copies of the weights, only the chosen experts'
+    slices are read); under a compiler, the per-pair gather while the
+    token count is known and `top_k * T <= num_experts` (decode: it reads
+    `k * T` experts' weights where the padded blocks read at least `E`;
+    measured crossover in `bench/README.md`); else a capacity buffer with
+    `capacity_factor`, and without one `"fitted"` (no weight gathers
+    when the loads fit; `"static"` always takes the padded blocks).
     """
-    num_tokens = tokens.shape[0]
-    if mode == "gather" or (
-        mode == "auto"
-        and isinstance(num_tokens, int)
-        and num_tokens * top_k <= GATHER_MAX_PAIRS
-    ):
+    if mode == "gather":
         return "gather"
     if use_grouped_layout(tokens, mode):
         return "grouped"
     if not use_static_layout(tokens, mode):
         return "dynamic"
-    return "blocks" if capacity_factor is None else "capacity"
+    num_tokens = tokens.shape[0]
+    if (
+        mode == "auto"
+        and isinstance(num_tokens, int)
+        and num_tokens * top_k <= num_experts
+    ):
+        return "gather"
+    if capacity_factor is not None:
+        return "capacity"
+    return "fitted" if mode == "auto" else "blocks"
 
 
 def sparse_dispatch(
@@ -132,14 +138,14 @@ def sparse_dispatch(
         of routed pairs dropped for capacity.
     """
     k = expert_indices.shape[1]
-    num_experts = ops.shape(experts[0])[0]
-    layout = choose_layout(tokens, k, mode, capacity_factor)
+    num_experts = experts[0].shape[0]
+    layout = choose_layout(tokens, k, num_experts, mode, capacity_factor)
     # (k * T,) slot-major pairs; unrouted pairs have expert `E`.
     pair_experts, pair_weights = flatten_pairs(
         expert_indices, expert_weights, token_mask, num_experts
     )
     dropped = ops.zeros((), "float32")
-    if capacity_factor is not None or layout == "blocks":
+    if capacity_factor is not None or layout in ("blocks", "fitted"):
         positions, counts = positions_in_expert(pair_experts, num_experts)
     if capacity_factor is not None:
         capacity = expert_capacity(
@@ -177,7 +183,7 @@ def sparse_dispatch(
             capacity,
         )
     else:
-        outputs = block_dispatch(
+        outputs = fitted_dispatch(
             tokens,
             pair_experts,
             positions,
@@ -187,5 +193,6 @@ def sparse_dispatch(
             experts,
             expert_fn,
             num_experts,
+            fitted=layout == "fitted",
         )
     return outputs, dropped
