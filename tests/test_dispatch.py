@@ -247,7 +247,7 @@ def test_auto_under_a_compiler_is_exact_whether_loads_fit_or_not(balanced):
     params = [ops.convert_to_numpy(p) for p in layer.stacked_weights]
     x = rng.normal(size=(NUM_TOKENS, DIM)).astype("float32")
     t = np.arange(NUM_TOKENS)
-    # Balanced: 12 pairs an expert, under the buffer's 15 rows; skewed:
+    # Balanced: 12 pairs an expert, under the buffer's 16 rows; skewed:
     # every routed token's first choice is expert 0 (19 pairs).
     first = t % NUM_EXPERTS if balanced else np.zeros_like(t)
     indices = np.stack([first, (first + 1 + t % 3) % NUM_EXPERTS], 1)

@@ -13,6 +13,7 @@ from moe.dispatch.pairs import combine, expert_capacity, fill_slots, pad_row
 # expert's load fits, else in padded blocks (`bench/README.md`: 1.25 beat
 # 2.0 at 512 and 2048 tokens).
 FITTED_CAPACITY_FACTOR = 1.25
+FITTED_MIN_ROWS = 16
 
 
 def capacity_dispatch(
@@ -139,8 +140,15 @@ def fitted_dispatch(
     num_tokens = tokens.shape[0]
     if not fitted or not isinstance(num_tokens, int):
         return blocks()
-    capacity = expert_capacity(
-        num_tokens, k, num_experts, FITTED_CAPACITY_FACTOR
+    # At least `FITTED_MIN_ROWS` rows an expert (never more than the
+    # tokens): a few tokens' loads then always fit, and the buffer reads
+    # each expert's weights once where the blocks would copy them.
+    capacity = min(
+        num_tokens,
+        max(
+            FITTED_MIN_ROWS,
+            expert_capacity(num_tokens, k, num_experts, FITTED_CAPACITY_FACTOR),
+        ),
     )
 
     def buffer():
