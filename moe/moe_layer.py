@@ -51,9 +51,10 @@ class MoELayer(MoELayerCompat, keras.layers.Layer):
         activation, gated, use_bias, glu_limit, glu_linear_offset,
             kernel_initializer, bias_initializer: the experts'
             (`moe.Experts`).
-        dispatch: `"auto"`, `"dynamic"`, `"static"` or `"grouped"`, the
-            layout of the sparse dispatch (`moe.dispatch`); all give the
-            same outputs.
+        dispatch: `"auto"`, `"dynamic"`, `"static"`, `"grouped"` or
+            `"gather"`, the layout of the sparse dispatch (`moe.dispatch`;
+            `"auto"` picks by token count and backend); all give the same
+            outputs.
         num_shared_experts: int >= 0, always-on experts (weight 1).
         shared_expert_hidden_dim: int or `None` (`hidden_dim`), their width.
         shared_expert_gate: bool, scale their output per input by

@@ -5,6 +5,7 @@ and tracing), and only the structure of what they write is checked, never a
 timing: timings belong to the benchmarks, not to the tests.
 """
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -20,6 +21,9 @@ SCRIPTS = {
     "cli_latency": [],
     "quantization": [],
 }
+# keras-hub is an optional extra: its benchmark runs where it is installed.
+if importlib.util.find_spec("keras_hub") is not None:
+    SCRIPTS["keras_hub_block"] = []
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +174,21 @@ def test_quantization(quick_runs):
     for mode in modes:
         assert set(data["latency"][mode]) == {"p50_ms", "b64_ms", "b512_ms"}
         assert all(map(is_positive_number, data["latency"][mode].values()))
+
+
+@pytest.mark.skipif(
+    "keras_hub_block" not in SCRIPTS, reason="keras-hub is not installed"
+)
+def test_keras_hub_block(quick_runs):
+    data = result_of(quick_runs, "keras_hub_block")
+    rows = data["results"]
+    # Both shapes, 1 and 8 tokens, TF graph and XLA, JAX jit.
+    assert len(rows) == 2 * 2 * 3
+    assert {r["mode"] for r in rows} == {"graph", "xla", "jit"}
+    for row in rows:
+        assert set(row["ms"]) == {"keras_hub", "moe"}
+        assert all(map(is_positive_number, row["ms"].values()))
+        assert row["max_abs_diff"] <= 1e-5
+        # Decode under a compiler reads only the chosen experts' weights.
+        if row["tokens"] == 1 and row["mode"] != "graph":
+            assert row["auto_layout"] == "gather"

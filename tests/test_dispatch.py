@@ -18,7 +18,7 @@ from keras import ops
 import moe
 from moe import dispatch
 
-LAYOUTS = ("dynamic", "static", "grouped")
+LAYOUTS = ("dynamic", "static", "grouped", "gather")
 NUM_TOKENS, DIM, HIDDEN, NUM_EXPERTS, TOP_K = 24, 8, 12, 4, 2
 
 
@@ -171,6 +171,115 @@ def test_unselected_expert_changes_nothing(layout):
     np.testing.assert_array_equal(out, out_perturbed)
 
 
+@pytest.mark.parametrize("num_tokens", [1, 3])
+@pytest.mark.parametrize("capacity_factor", [None, 0.6])
+def test_few_tokens_every_layout_agrees(num_tokens, capacity_factor):
+    # Decode-sized calls: the gather layout `"auto"` picks there against
+    # every other layout, outputs and gradients.
+    rng = np.random.default_rng(11)
+    layer = _experts()
+    params = [ops.convert_to_numpy(p) for p in layer.stacked_weights]
+    x = rng.normal(size=(num_tokens, DIM)).astype("float32")
+    indices = np.stack(
+        [rng.choice(NUM_EXPERTS, TOP_K, replace=False) for _ in x]
+    ).astype("int32")
+    weights = rng.uniform(0.1, 1.0, (num_tokens, TOP_K)).astype("float32")
+    mask = np.arange(num_tokens) != 1  # token 1, if any, is masked
+    upstream = rng.normal(size=(num_tokens, DIM)).astype("float32")
+    results = {}
+    for layout in ("auto",) + LAYOUTS:
+        if layout == "dynamic" and keras.backend.backend() == "jax":
+            continue
+        fn = _dispatch(layer, indices, mask, layout, capacity_factor, upstream)
+        results[layout] = _value_and_grads(fn, [x, weights, *params])
+    out, grads = results.pop("gather")
+    for layout, (other_out, other_grads) in results.items():
+        np.testing.assert_allclose(out, other_out, atol=1e-5, err_msg=layout)
+        for grad, other in zip(grads, other_grads):
+            np.testing.assert_allclose(grad, other, atol=1e-5, err_msg=layout)
+
+
+def test_auto_picks_gather_for_few_tokens_under_a_compiler_only():
+    def layouts(num_tokens, mode="auto"):
+        # (eager, traced): the layout `choose_layout` picks for the call.
+        tokens = np.zeros((num_tokens, DIM), "float32")
+
+        def choose(t):
+            return dispatch.choose_layout(t, TOP_K, NUM_EXPERTS, mode)
+
+        backend = keras.backend.backend()
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            traced = []
+            tf.function(lambda t: traced.append(choose(t)), jit_compile=True)(
+                tokens
+            )
+            return choose(tf.constant(tokens)), traced[0]
+        if backend == "jax":
+            import jax
+
+            traced = []
+            jax.jit(lambda t: traced.append(choose(t)))(tokens)
+            return choose(ops.convert_to_tensor(tokens)), traced[0]
+        return choose(ops.convert_to_tensor(tokens)), None
+
+    few = NUM_EXPERTS // TOP_K  # k * T <= E: gather
+    if keras.backend.backend() != "torch":
+        assert layouts(1)[1] == layouts(few)[1] == "gather"
+        assert layouts(few + 1)[1] == "fitted"
+        assert layouts(1, "static")[1] == "blocks"
+    # Without a compiler the dynamic groups read only the chosen experts.
+    assert layouts(1)[0] == "dynamic"
+    assert layouts(1, "gather")[0] == "gather"
+
+
+@pytest.mark.parametrize("balanced", [True, False])
+def test_auto_under_a_compiler_is_exact_whether_loads_fit_or_not(balanced):
+    # Under XLA / JAX `jit`, `"auto"` runs a capacity buffer when every
+    # expert's load fits it and the padded blocks when not (`ops.cond`):
+    # dropless and exact either way, outputs and gradients.
+    backend = keras.backend.backend()
+    if backend == "torch":
+        pytest.skip("no compiler on this path (torch.compile is slow)")
+    rng = np.random.default_rng(13)
+    layer = _experts()
+    params = [ops.convert_to_numpy(p) for p in layer.stacked_weights]
+    x = rng.normal(size=(NUM_TOKENS, DIM)).astype("float32")
+    t = np.arange(NUM_TOKENS)
+    # Balanced: 12 pairs an expert, under the buffer's 16 rows; skewed:
+    # every routed token's first choice is expert 0 (19 pairs).
+    first = t % NUM_EXPERTS if balanced else np.zeros_like(t)
+    indices = np.stack([first, (first + 1 + t % 3) % NUM_EXPERTS], 1)
+    indices = indices.astype("int32")
+    weights = rng.uniform(0.1, 1.0, (NUM_TOKENS, TOP_K)).astype("float32")
+    mask = t % 5 != 0
+    upstream = rng.normal(size=(NUM_TOKENS, DIM)).astype("float32")
+    fn = _dispatch(layer, indices, mask, "auto", None, upstream)
+    args = [x, weights, *params]
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        @tf.function(jit_compile=True)
+        def value_and_grads(*args):
+            with tf.GradientTape() as tape:
+                tape.watch(args)
+                out = fn(*args)
+                loss = tf.reduce_sum(out)
+            grads = tape.gradient(loss, args)
+            return out, [tf.convert_to_tensor(g) for g in grads]
+
+        out, grads = value_and_grads(*[tf.constant(a) for a in args])
+        out, grads = out.numpy(), [g.numpy() for g in grads]
+    else:
+        out, grads = _value_and_grads(fn, args)
+    kept = _kept(indices, mask, None)
+    ref_out, ref_grads = _reference(x, indices, weights, kept, params, upstream)
+    np.testing.assert_allclose(out, ref_out * upstream, rtol=1e-4, atol=1e-5)
+    for grad, ref in zip(grads, ref_grads):
+        np.testing.assert_allclose(grad, ref, rtol=1e-4, atol=1e-5)
+
+
 def test_auto_keeps_the_cpu_layouts_on_cpu():
     tokens = ops.zeros((4, DIM))
     assert not dispatch.use_grouped_layout(tokens, "auto")
@@ -193,6 +302,30 @@ def test_layouts_on_other_backend(backend):
         "not other_backend",
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("num_tokens", [1, 64])
+def test_auto_under_xla_and_graph_equals_eager(num_tokens):
+    # `"auto"` decides from the static token count while tracing: under XLA
+    # gather for one token and padded blocks for more, dynamic groups in a
+    # graph.
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("TensorFlow graphs and XLA")
+    import tensorflow as tf
+
+    layer = moe.MoELayer(NUM_EXPERTS, HIDDEN, top_k=TOP_K, gated=True)
+    x = np.random.default_rng(7).normal(size=(num_tokens, DIM))
+    x = x.astype("float32")
+    eager = moe.MoELayer.from_config(
+        {**layer.get_config(), "dispatch": "dynamic"}
+    )
+    eager(x)
+    layer(x)
+    eager.set_weights(layer.get_weights())
+    expected = ops.convert_to_numpy(eager(x))
+    for jit_compile in (False, True):
+        out = tf.function(layer, jit_compile=jit_compile)(x)
+        np.testing.assert_allclose(out.numpy(), expected, atol=1e-5)
 
 
 def test_grouped_under_xla_is_refused_on_tensorflow():

@@ -16,7 +16,7 @@ import moe
 
 BACKEND = keras.backend.backend()
 ROUTINGS = ["top_k", "switch", "soft"]
-DISPATCHES = ["dynamic", "static"]
+DISPATCHES = ["dynamic", "static", "gather"]
 
 
 def make_layer(input_dim=6, **kwargs):

@@ -175,7 +175,7 @@ def test_model_quantize_keeps_the_router_float(moe_kwargs):
     assert np.abs(out - float_out).max() < 0.05 * np.abs(float_out).max()
 
 
-@pytest.mark.parametrize("dispatch", ["dynamic", "static"])
+@pytest.mark.parametrize("dispatch", ["dynamic", "static", "gather"])
 def test_int8_dispatch_matches_every_expert_on_every_token(dispatch):
     layer = moe.MoELayer(
         num_experts=4, hidden_dim=16, top_k=2, dispatch=dispatch

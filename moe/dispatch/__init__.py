@@ -21,11 +21,22 @@ what the backend needs (one module each):
   multiplied by its own expert's weights. At most
   `k * tokens + experts * (block_size - 1)` rows, static shapes, no drops
   (the layout of MegaBlocks, Gale et al., 2022). Used by compilers (XLA/JAX)
-  when `capacity_factor=None`.
+  when `capacity_factor=None` and the loads do not fit a buffer.
+- `fitted_dispatch` (dropless, static): what `"auto"` runs under a
+  compiler: a capacity buffer of `FITTED_CAPACITY_FACTOR` when every
+  expert's load fits (per-expert matmuls, no weight copies), else the
+  padded blocks; one `ops.cond`, one branch runs.
 - `grouped_dispatch` (dropless, static): the sorted rows of the dynamic
   layout, every expert matmul one grouped matmul (`jax.lax.ragged_dot`,
   `torch._grouped_mm`). Exactly `k * tokens` rows; what `"auto"` picks on
   a GPU or TPU.
+- `gather_dispatch` (few tokens, static): each pair gathers its own
+  expert's weights, `(pairs, d, h)`, and runs as one row of a batched
+  matmul; a one-token call reads `k` experts' weights instead of `E`.
+  What `"auto"` picks under a compiler when `k * tokens` is known and at
+  most `experts` (`choose_layout`: decode).
+
+`choose_layout` is the one place the layout of a call is decided.
 
 A non-chosen expert is never computed on a token: buffer rows that no pair
 fills hold zeros and are never read back. `moe.dispatch.backend` is the
@@ -43,6 +54,7 @@ from moe.dispatch.dense import (
     soft_dispatch,
 )
 from moe.dispatch.dynamic import dynamic_dispatch
+from moe.dispatch.gather import gather_dispatch
 from moe.dispatch.grouped import grouped_dispatch
 from moe.dispatch.pairs import (
     expert_capacity,
@@ -53,26 +65,33 @@ from moe.dispatch.pairs import (
 )
 from moe.dispatch.sparse import (
     DISPATCH_MODES,
+    choose_layout,
     sparse_dispatch,
     use_grouped_layout,
     use_static_layout,
 )
 from moe.dispatch.static import (
+    FITTED_CAPACITY_FACTOR,
     block_dispatch,
     block_size_for,
     capacity_dispatch,
+    fitted_dispatch,
 )
 
 __all__ = [
     "DISPATCH_MODES",
+    "FITTED_CAPACITY_FACTOR",
     "block_dispatch",
     "block_size_for",
     "capacity_dispatch",
+    "choose_layout",
     "dense_experts",
     "dynamic_dispatch",
     "expert_capacity",
     "expert_choice_dispatch",
+    "fitted_dispatch",
     "flatten_pairs",
+    "gather_dispatch",
     "grouped_dispatch",
     "has_grouped_matmul",
     "kept_pairs",

@@ -8,6 +8,7 @@ from moe.dispatch.backend import (
     shapes_must_be_static,
 )
 from moe.dispatch.dynamic import dynamic_dispatch
+from moe.dispatch.gather import gather_dispatch
 from moe.dispatch.grouped import grouped_dispatch
 from moe.dispatch.pairs import (
     expert_capacity,
@@ -15,9 +16,9 @@ from moe.dispatch.pairs import (
     positions_in_expert,
     static_dim,
 )
-from moe.dispatch.static import block_dispatch, capacity_dispatch
+from moe.dispatch.static import capacity_dispatch, fitted_dispatch
 
-DISPATCH_MODES = ("auto", "dynamic", "static", "grouped")
+DISPATCH_MODES = ("auto", "dynamic", "static", "grouped", "gather")
 
 
 def use_static_layout(tokens, mode):
@@ -25,8 +26,8 @@ def use_static_layout(tokens, mode):
 
     `mode` is the layer's `dispatch` argument: `"static"` always,
     `"dynamic"` never (an error under a compiler, which needs static
-    shapes), `"auto"` (and `"grouped"`, for layers without stacked
-    weights) when a compiler traces the call.
+    shapes), `"auto"` (and `"grouped"` and `"gather"`, for layers without
+    stacked weights) when a compiler traces the call.
     """
     if mode == "static":
         return True
@@ -61,6 +62,53 @@ def use_grouped_layout(tokens, mode):
     return mode == "auto" and has_grouped_matmul() and on_accelerator(tokens)
 
 
+def choose_layout(tokens, top_k, num_experts, mode, capacity_factor=None):
+    """The layout of one token-choice call: the one place `"auto"` decides.
+
+    Args:
+        tokens: `(T, d)`, the call's tokens (their static shape and the
+            tracing context decide).
+        top_k: int, pairs per token.
+        num_experts: int.
+        mode: the layer's `dispatch` argument (`DISPATCH_MODES`).
+        capacity_factor: float or `None` (dropless).
+
+    Returns:
+        `"gather"` (`gather_dispatch`), `"grouped"` (`grouped_dispatch`),
+        `"dynamic"` (`dynamic_dispatch`), `"capacity"`
+        (`capacity_dispatch`), `"blocks"` (`block_dispatch`) or
+        `"fitted"` (`capacity_dispatch` when every expert's load fits a
+        buffer (`moe.dispatch.static`), else `block_dispatch`: one
+        `ops.cond`, one branch runs, dropless either way).
+
+    `"auto"` takes, in order: a grouped matmul on an accelerator; dynamic
+    groups where shapes may be dynamic (TensorFlow graphs and eager,
+    PyTorch eager: no copies of the weights, only the chosen experts'
+    slices are read); under a compiler, the per-pair gather while the
+    token count is known and `top_k * T <= num_experts` (decode: it reads
+    `k * T` experts' weights where the padded blocks read at least `E`;
+    measured crossover in `bench/README.md`); else a capacity buffer with
+    `capacity_factor`, and without one `"fitted"` (no weight gathers
+    when the loads fit; `"static"` always takes the padded blocks).
+    """
+    if mode == "gather":
+        return "gather"
+    if use_grouped_layout(tokens, mode):
+        return "grouped"
+    if not use_static_layout(tokens, mode):
+        return "dynamic"
+    num_tokens = tokens.shape[0]
+    if (
+        mode == "auto"
+        and isinstance(num_tokens, int)
+        and num_tokens * top_k <= num_experts
+    ):
+        return "gather"
+    if capacity_factor is not None:
+        return "capacity"
+    return "fitted" if mode == "auto" else "blocks"
+
+
 def sparse_dispatch(
     tokens,
     expert_indices,
@@ -82,23 +130,22 @@ def sparse_dispatch(
         expert_fn: `expert_fn(x, *params) -> y`.
         capacity_factor: float or `None` (dropless): each expert takes at
             most `expert_capacity(...)` pairs, first choices first.
-        mode: `"auto"`, `"dynamic"`, `"static"` (`use_static_layout`) or
-            `"grouped"` (`use_grouped_layout`).
+        mode: `"auto"`, `"dynamic"`, `"static"`, `"grouped"` or
+            `"gather"` (`choose_layout`).
 
     Returns:
         `(outputs (T, d_out), dropped)`: `dropped` is the float32 fraction
         of routed pairs dropped for capacity.
     """
-    k = ops.shape(expert_indices)[1]
-    num_experts = ops.shape(experts[0])[0]
-    grouped = use_grouped_layout(tokens, mode)
-    static = not grouped and use_static_layout(tokens, mode)
+    k = expert_indices.shape[1]
+    num_experts = experts[0].shape[0]
+    layout = choose_layout(tokens, k, num_experts, mode, capacity_factor)
     # (k * T,) slot-major pairs; unrouted pairs have expert `E`.
     pair_experts, pair_weights = flatten_pairs(
         expert_indices, expert_weights, token_mask, num_experts
     )
     dropped = ops.zeros((), "float32")
-    if capacity_factor is not None or static:
+    if capacity_factor is not None or layout in ("blocks", "fitted"):
         positions, counts = positions_in_expert(pair_experts, num_experts)
     if capacity_factor is not None:
         capacity = expert_capacity(
@@ -109,17 +156,21 @@ def sparse_dispatch(
         dropped = 1.0 - ops.sum(ops.cast(kept, "float32")) / ops.maximum(
             ops.sum(ops.cast(routed, "float32")), 1.0
         )
-    if not static and capacity_factor is not None:
-        pair_experts = ops.where(kept, pair_experts, num_experts)
-    if grouped:
+        if layout != "capacity":
+            pair_experts = ops.where(kept, pair_experts, num_experts)
+    if layout == "gather":
+        outputs = gather_dispatch(
+            tokens, pair_experts, pair_weights, k, experts, expert_fn
+        )
+    elif layout == "grouped":
         outputs = grouped_dispatch(
             tokens, pair_experts, pair_weights, experts, expert_fn
         )
-    elif not static:
+    elif layout == "dynamic":
         outputs = dynamic_dispatch(
             tokens, pair_experts, pair_weights, k, experts, expert_fn
         )
-    elif capacity_factor is not None:
+    elif layout == "capacity":
         outputs = capacity_dispatch(
             tokens,
             pair_experts,
@@ -132,7 +183,7 @@ def sparse_dispatch(
             capacity,
         )
     else:
-        outputs = block_dispatch(
+        outputs = fitted_dispatch(
             tokens,
             pair_experts,
             positions,
@@ -142,5 +193,6 @@ def sparse_dispatch(
             experts,
             expert_fn,
             num_experts,
+            fitted=layout == "fitted",
         )
     return outputs, dropped

@@ -1,11 +1,19 @@
 """Static-shape layouts for compilers (XLA, JAX `jit`): a capacity buffer
-(drops past capacity) and dropless padded blocks."""
+(drops past capacity), dropless padded blocks, and the buffer when the
+loads fit it with the blocks as the fallback."""
 
 import math
 
 from keras import ops
 
-from moe.dispatch.pairs import combine, fill_slots, pad_row
+from moe.dispatch.pairs import combine, expert_capacity, fill_slots, pad_row
+
+# Under a compiler `"auto"` runs a dropless call in a capacity buffer of
+# `ceil(FITTED_CAPACITY_FACTOR * k * T / E)` rows per expert when every
+# expert's load fits, else in padded blocks (`bench/README.md`: 1.25 beat
+# 2.0 at 512 and 2048 tokens).
+FITTED_CAPACITY_FACTOR = 1.25
+FITTED_MIN_ROWS = 16
 
 
 def capacity_dispatch(
@@ -100,3 +108,52 @@ def block_dispatch(
     y = expert_fn(x, *block_params)  # (blocks, b, d_out)
     y = ops.reshape(y, (num_rows, -1))
     return combine(y, dest, pair_weights, num_tokens, k)
+
+
+def fitted_dispatch(
+    tokens,
+    pair_experts,
+    positions,
+    counts,
+    pair_weights,
+    k,
+    experts,
+    expert_fn,
+    num_experts,
+    fitted=True,
+):
+    """Dropless static dispatch: a capacity buffer when every expert's
+    load fits one (`fitted`), else padded blocks.
+
+    The buffer's per-expert matmuls read the weights in place; the blocks
+    copy one expert's weights per block (`bench/README.md`). Both compute
+    the same function when nothing is dropped, so the choice is data:
+    one `ops.cond`, one branch runs.
+    """
+    args = (tokens, pair_experts, positions)
+
+    def blocks():
+        return block_dispatch(
+            *args, counts, pair_weights, k, experts, expert_fn, num_experts
+        )
+
+    num_tokens = tokens.shape[0]
+    if not fitted or not isinstance(num_tokens, int):
+        return blocks()
+    # At least `FITTED_MIN_ROWS` rows an expert (never more than the
+    # tokens): a few tokens' loads then always fit, and the buffer reads
+    # each expert's weights once where the blocks would copy them.
+    capacity = min(
+        num_tokens,
+        max(
+            FITTED_MIN_ROWS,
+            expert_capacity(num_tokens, k, num_experts, FITTED_CAPACITY_FACTOR),
+        ),
+    )
+
+    def buffer():
+        return capacity_dispatch(
+            *args, pair_weights, k, experts, expert_fn, num_experts, capacity
+        )
+
+    return ops.cond(ops.all(ops.less_equal(counts, capacity)), buffer, blocks)
