@@ -1,7 +1,8 @@
 """Switch Transformers: top-1, the router's probability as the weight,
 ReLU feed-forward experts."""
 
-from moe.convert.config import activation, read
+from moe import validation
+from moe.convert.config import activation, non_negative, read
 from moe.convert.family import ExpertNames, Family
 
 
@@ -16,23 +17,43 @@ def arguments(config):
         )
     model_type = "switch_transformers"
     return {
-        "num_experts": read(config, model_type, "num_experts"),
-        "hidden_dim": read(config, model_type, "d_ff"),
+        "num_experts": read(
+            config, model_type, "num_experts", check=validation.integer
+        ),
+        "hidden_dim": read(
+            config, model_type, "d_ff", check=validation.integer
+        ),
         "routing": "switch",
         "capacity_factor": None,
         "activation": activation(config, model_type, "dense_act_fn"),
         "gated": False,
         "use_bias": False,
         "aux_loss_weight": read(
-            config, model_type, "router_aux_loss_coef", default=0.001
+            config,
+            model_type,
+            "router_aux_loss_coef",
+            default=0.001,
+            check=non_negative,
         ),
         "z_loss_weight": read(
-            config, model_type, "router_z_loss_coef", default=0.001
+            config,
+            model_type,
+            "router_z_loss_coef",
+            default=0.001,
+            check=non_negative,
         ),
         "router_jitter": read(
-            config, model_type, "router_jitter_noise", default=0.01
+            config,
+            model_type,
+            "router_jitter_noise",
+            default=0.01,
+            check=_jitter,
         ),
     }
+
+
+def _jitter(name, value):
+    validation.number(name, value, minimum=0, maximum=1, max_open=True)
 
 
 FAMILIES = {
