@@ -198,6 +198,7 @@ class MoELayer(MoELayerCompat, keras.layers.Layer):
         decision = self.router(
             tokens, token_mask=token_mask, routing_key=keys, training=training
         )
+        self.router.check_decision(decision, tokens)
         if tokens.shape[0] == 0:  # nothing to dispatch (an empty batch)
             width = self.compute_output_shape(tokens.shape)[-1]
             outputs, dropped = ops.zeros((0, width), tokens.dtype), 0.0
@@ -243,6 +244,7 @@ class MoELayer(MoELayerCompat, keras.layers.Layer):
         decision = self.router(
             tokens, token_mask=token_mask, routing_key=keys, training=False
         )
+        self.router.check_decision(decision, tokens)
         values = self.router.per_token(decision, token_mask)
         batch_shape = tuple(ops.shape(inputs)[:-1])
         names = ("expert_indices", "expert_weights", "kept")
