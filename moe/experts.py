@@ -466,7 +466,7 @@ def make_experts(
     if experts is None:
         routed = Experts(num_experts, hidden_dim, name="experts", **common)
     else:
-        routed = LayerExperts(experts, name="experts")
+        routed = LayerExperts(experts, name="experts", dtype=dtype)
         if num_experts not in (None, routed.num_experts):
             raise ValueError(
                 "With `experts`, `num_experts` is their number "

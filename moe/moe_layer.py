@@ -67,8 +67,9 @@ class MoELayer(MoELayerCompat, keras.layers.Layer):
         inputs: `(batch, d)` or `(batch, seq, d)`.
         training: bool; noise, jitter, losses and bias updates only then.
         mask: optional bool mask of shape `inputs.shape[:-1]`.
-        routing_key: int tensor of shape `inputs.shape[:-1]`, the keys of
-            `routing="hash"` (e.g. token ids); refused by other routings.
+        routing_key: integer tensor of shape `inputs.shape[:-1]`, the keys
+            in `[0, 2**31)` of `routing="hash"` (e.g. token ids); refused
+            by other routings.
 
     Returns:
         `inputs.shape[:-1] + (output_dim,)` in the layer's compute dtype.

@@ -312,6 +312,64 @@ def test_layer_experts_errors():
         widths.build((None, 6))
 
 
+class FirstRowOnly(keras.layers.Layer):
+    """A broken expert: a `Dense` whose output keeps only the first row,
+    though it declares one row per input row."""
+
+    def build(self, input_shape):
+        self.dense = keras.layers.Dense(3)
+        self.dense.build(input_shape)
+
+    def call(self, x):
+        return self.dense(x)[:1]
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], 3)
+
+
+class MeanRow(keras.layers.Layer):
+    """A broken expert whose declared output is one row."""
+
+    def call(self, x):
+        return ops.mean(x, axis=0, keepdims=True)
+
+
+@pytest.mark.parametrize("dispatch", ["dynamic", "static"])
+def test_layer_expert_returning_fewer_rows_is_refused(dispatch):
+    layer = moe.MoELayer(
+        experts=[FirstRowOnly(), keras.layers.Dense(3)],
+        top_k=2,
+        dispatch=dispatch,
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"one row per input row. Received: expert 'first_row_only\w*' "
+        r"returned 1 rows for 4 \(output shape \(1, 3\)\)",
+    ):
+        layer(random_inputs((4, 6)))
+
+
+def test_layer_expert_declaring_fewer_rows_is_refused():
+    layer = moe.MoELayer(experts=[MeanRow(), MeanRow()])
+    with pytest.raises(
+        ValueError,
+        match=r"to `\(n, d_out\)`. Received: expert 'mean_row\w*' with "
+        r"output shape \(1, 6\)",
+    ):
+        layer.build((None, 6))
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_layer_experts_of_another_dtype_give_the_layer_compute_dtype(policy):
+    experts = [keras.layers.Dense(3, dtype="float16") for _ in range(2)]
+    layer = moe.MoELayer(experts=experts, top_k=1, dtype=policy)
+    outputs = layer(random_inputs((4, 6)))
+    assert keras.backend.standardize_dtype(outputs.dtype) == (
+        layer.compute_dtype
+    )
+    assert layer.experts.compute_dtype == layer.compute_dtype
+
+
 def test_layer_experts_contract(tmp_path):
     x = random_inputs((4, 3, 6))
     mask = np.arange(3)[None, :] < np.array([3, 2, 2, 1])[:, None]

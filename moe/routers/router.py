@@ -189,7 +189,26 @@ class Router(keras.layers.Layer):
                 f"last axis, {expected}. Received: "
                 f"routing_key.shape={tuple(routing_key.shape)}"
             )
-        return ops.reshape(routing_key, (-1,))
+        dtype = keras.backend.standardize_dtype(routing_key.dtype)
+        if not dtype.startswith(("int", "uint")):
+            # A float key would be truncated, a bool one is no key.
+            raise ValueError(
+                "`routing_key` must be an integer tensor (keys >= 0, e.g. "
+                f"token ids). Received: routing_key.dtype={dtype}"
+            )
+        keys = ops.reshape(routing_key, (-1,))
+        # Values only eagerly: in a compiled graph the check would cost a
+        # device-to-host sync per call (see docs/layers.md).
+        if keys.shape[0] and dispatch_lib.has_values(keys):
+            low = int(ops.convert_to_numpy(ops.min(keys)))
+            high = int(ops.convert_to_numpy(ops.max(keys)))
+            if low < 0 or high >= 2**31:
+                raise ValueError(
+                    "`routing_key` must hold integers in [0, 2**31) (the "
+                    "hash computes in int32). Received: routing_key from "
+                    f"{low} to {high}"
+                )
+        return keys
 
     def check_decision(self, decision, tokens):
         """Refuse a token-choice decision the base `dispatch` would misuse.
