@@ -7,6 +7,8 @@ Runs on the backend KERAS_BACKEND names; test_backends.py reruns this file on
 the other backends.
 """
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -310,6 +312,52 @@ def test_layer_experts_errors():
     )
     with pytest.raises(ValueError, match="same output width"):
         widths.build((None, 6))
+
+
+def test_experts_over_the_size_limit_warn_before_creating_weights(
+    monkeypatch,
+):
+    # 2 experts x (6 x 8 + 8 + 8 x 6 + 6) = 220 numbers, 880 B in float32.
+    monkeypatch.setattr(moe.experts, "LARGE_WEIGHTS", 219, raising=False)
+    with pytest.warns(
+        UserWarning,
+        match=r"The stacked experts 'experts' are about to create 220 "
+        r"parameters \(880 B in float32\), more than 219: building may run "
+        r"out of memory.*Received: shapes \[\(2, 6, 8\), \(2, 8\), "
+        r"\(2, 8, 6\), \(2, 6\)\]",
+    ):
+        moe.MoELayer(2, 8).build((None, 6))
+    monkeypatch.setattr(moe.experts, "LARGE_WEIGHTS", 220, raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        moe.MoELayer(2, 8).build((None, 6))
+
+
+@pytest.mark.parametrize("load", ["from_config", "deserialize"])
+def test_config_with_a_huge_hidden_dim_warns_before_allocating(load):
+    # A crafted config: 2 experts of width 10**12 on 8 features, 123.7 TiB.
+    # The warning, made an error here, comes before any variable exists.
+    config = moe.MoELayer(2, 4, name="crafted").get_config()
+    config["hidden_dim"] = 10**12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(
+            UserWarning,
+            match=r"about to create 34,000,000,000,016 parameters "
+            r"\(123.7 TiB in float32\)",
+        ):
+            if load == "from_config":
+                moe.MoELayer.from_config(config).build((None, 8))
+            else:
+                keras.layers.deserialize(
+                    {
+                        "module": "moe",
+                        "class_name": "MoELayer",
+                        "registered_name": "moe>MoELayer",
+                        "config": config,
+                        "build_config": {"input_shape": [None, 8]},
+                    }
+                )
 
 
 class FirstRowOnly(keras.layers.Layer):
