@@ -1,4 +1,7 @@
+import math
 import random as python_random
+import re
+import warnings
 import zlib
 
 import keras
@@ -13,6 +16,14 @@ from moe.layer_experts import LayerExperts
 # biases only with `use_bias`, the gate only with `gated`).
 _PARTS = ("in_kernel", "in_bias", "gate_kernel", "gate_bias", "out_kernel")
 _PARTS += ("out_bias",)
+# A stack of experts with more numbers than this warns before it is
+# created: 2**31 numbers are 8 GiB in float32 (16 GiB more for Adam's two
+# moments), beyond most single accelerators and many hosts, and more than
+# int32 indices address. The warning is what a user sees before the
+# backend's out-of-memory error or the kernel's OOM killer. A warning, not
+# an error: sharded over devices (`moe.distribution`) or on a large host
+# such a layer is legitimate, and what fits is the backend's to say.
+LARGE_WEIGHTS = 2**31
 
 
 @keras.saving.register_keras_serializable(package="moe")
@@ -161,6 +172,11 @@ class Experts(keras.layers.Layer):
         # Kernels first, then biases: the order of the variables (and of a
         # saved file's entries) is that of the earlier `MoELayer`.
         int8 = self.quantization_mode == "int8"  # reloading a quantized one
+        warn_if_large(
+            self,
+            [(self.num_experts,) + shapes[p] for p in self._parts()],
+            "int8" if int8 else self.variable_dtype,
+        )
         if int8:
             self.inputs_quantizer = quantization.inputs_quantizer(
                 self.quantization_config
@@ -381,6 +397,31 @@ def validate_glu(gated, glu_limit, glu_linear_offset):
         )
 
 
+def warn_if_large(layer, shapes, dtype):
+    """Warn before creating weights of `shapes` holding more than
+    `LARGE_WEIGHTS` numbers, stating their count and size at `dtype`."""
+    count = sum(math.prod(shape) for shape in shapes)
+    if count <= LARGE_WEIGHTS:
+        return
+    bits = re.search(r"\d+", dtype)
+    size = count * (int(bits.group()) if bits else 8) // 8
+    warnings.warn(
+        f"The stacked experts {layer.name!r} are about to create "
+        f"{count:,} parameters ({_bytes_text(size)} in {dtype}), more than "
+        f"{LARGE_WEIGHTS:,}: building may run out of memory (a backend "
+        "out-of-memory error, or the process killed). Check `num_experts` "
+        f"and `hidden_dim`. Received: shapes {shapes}",
+        stacklevel=2,
+    )
+
+
+def _bytes_text(size):
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:,.1f} {unit}" if unit != "bytes" else f"{size} B"
+        size /= 1024
+
+
 def _affine(x, kernel, bias):
     y = ops.matmul(x, kernel)
     if bias is not None:
@@ -513,7 +554,7 @@ def make_experts(
     if experts is None:
         routed = Experts(num_experts, hidden_dim, name="experts", **common)
     else:
-        routed = LayerExperts(experts, name="experts")
+        routed = LayerExperts(experts, name="experts", dtype=dtype)
         if num_experts not in (None, routed.num_experts):
             raise ValueError(
                 "With `experts`, `num_experts` is their number "

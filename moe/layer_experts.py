@@ -23,7 +23,10 @@ class LayerExperts(keras.layers.Layer):
     inputs; under a compiler (JAX `jit`, XLA) it gets a static buffer of
     `capacity` rows (all the inputs when dropless) whose unused rows are
     zeros. A layer that supports masking (an `MoELayer`) is told which rows
-    are real, so a nested MoE neither routes nor counts the padding.
+    are real, so a nested MoE neither routes nor counts the padding. Each
+    expert's output is cast to this layer's compute dtype (the `MoELayer`'s)
+    and must have as many rows as its inputs (checked where the row count
+    is known while tracing: always eagerly and under a compiler).
 
     Args:
         layers: a list of Keras layers, one per expert.
@@ -79,7 +82,7 @@ class LayerExperts(keras.layers.Layer):
             if not layer.built:
                 layer.build((None, input_dim))
             shape = tuple(layer.compute_output_spec(spec).shape)
-            if len(shape) != 2:
+            if len(shape) != 2 or shape[0] is not None:
                 raise ValueError(
                     "Every expert must map `(n, d)` inputs to `(n, d_out)`. "
                     f"Received: expert {layer.name!r} with output shape "
@@ -106,7 +109,18 @@ class LayerExperts(keras.layers.Layer):
             kwargs["mask"] = rows_real
         if "training" in parameters:
             kwargs["training"] = training
-        return layer(x, **kwargs)
+        y = layer(x, **kwargs)
+        rows, out_rows = x.shape[0], y.shape[0]
+        if rows is not None and out_rows is not None and rows != out_rows:
+            # Fewer rows would be broadcast onto the tokens silently.
+            raise ValueError(
+                "Every expert must return one row per input row. Received: "
+                f"expert {layer.name!r} returned {out_rows} rows for {rows} "
+                f"(output shape {tuple(y.shape)})"
+            )
+        # An expert with its own dtype policy (e.g. float16 layers in a
+        # float32 `MoELayer`) still gives the layer's compute dtype.
+        return ops.cast(y, self.compute_dtype)
 
     def call(self, inputs, training=None):
         x = ops.reshape(inputs, (-1, ops.shape(inputs)[-1]))

@@ -71,8 +71,9 @@ class MoELayer(MoELayerCompat, keras.layers.Layer):
         inputs: `(batch, d)` or `(batch, seq, d)`.
         training: bool; noise, jitter, losses and bias updates only then.
         mask: optional bool mask of shape `inputs.shape[:-1]`.
-        routing_key: int tensor of shape `inputs.shape[:-1]`, the keys of
-            `routing="hash"` (e.g. token ids); refused by other routings.
+        routing_key: integer tensor of shape `inputs.shape[:-1]`, the keys
+            in `[0, 2**31)` of `routing="hash"` (e.g. token ids); refused
+            by other routings.
 
     Returns:
         `inputs.shape[:-1] + (output_dim,)` in the layer's compute dtype.
@@ -205,6 +206,7 @@ class MoELayer(MoELayerCompat, keras.layers.Layer):
         decision = self.router(
             tokens, token_mask=token_mask, routing_key=keys, training=training
         )
+        self.router.check_decision(decision, tokens)
         if tokens.shape[0] == 0:  # nothing to dispatch (an empty batch)
             width = self.compute_output_shape(tokens.shape)[-1]
             outputs, dropped = ops.zeros((0, width), tokens.dtype), 0.0
@@ -250,6 +252,7 @@ class MoELayer(MoELayerCompat, keras.layers.Layer):
         decision = self.router(
             tokens, token_mask=token_mask, routing_key=keys, training=False
         )
+        self.router.check_decision(decision, tokens)
         values = self.router.per_token(decision, token_mask)
         batch_shape = tuple(ops.shape(inputs)[:-1])
         names = ("expert_indices", "expert_weights", "kept")

@@ -541,6 +541,101 @@ def test_shape_that_does_not_fit_is_a_clear_error():
         from_transformers(MIXTRAL_CONFIG, weights)
 
 
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("num_experts_per_tok", 2.0, r"must be between 1 and .* \(2\)"),
+        ("num_experts_per_tok", 3, r"must be between 1 and .* \(2\)"),
+        ("num_local_experts", "2", "must be an integer >= 1"),
+        ("intermediate_size", True, "must be an integer >= 1"),
+        ("hidden_size", 4.0, "must be an integer >= 1"),
+        ("router_aux_loss_coef", "0.01", "must be a finite number >= 0"),
+    ],
+)
+def test_config_value_of_the_wrong_kind_names_the_field(field, value, message):
+    config = {**MIXTRAL_CONFIG, field: value}
+    with pytest.raises(
+        ValueError,
+        match=rf"`config\['{field}'\]` {message}.*"
+        rf"Received: config\['{field}'\]={re.escape(repr(value))}$",
+    ):
+        from_transformers(config, mixtral_weights())
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"model_type": "deepseek_v3", "n_group": "4"},
+        {"model_type": "deepseek_v3", "n_shared_experts": 1.5},
+        {"model_type": "deepseek_v3", "routed_scaling_factor": "2.5"},
+        {"model_type": "deepseek_v3", "norm_topk_prob": "yes"},
+        {"model_type": "qwen2_moe", "shared_expert_intermediate_size": "8"},
+        {"model_type": "switch_transformers", "router_jitter_noise": 1.0},
+    ],
+)
+def test_config_value_of_each_family_names_the_field(config):
+    (field,) = set(config) - {"model_type"}
+    config = {
+        **MIXTRAL_CONFIG,
+        "num_experts": 2,
+        "moe_intermediate_size": 3,
+        "d_ff": 3,
+        **config,
+    }
+    with pytest.raises(ValueError, match=rf"Received: config\['{field}'\]="):
+        from_transformers(config, mixtral_weights())
+
+
+@pytest.mark.parametrize(
+    "dtype, message",
+    [
+        ("int8", "quantised"),
+        ("uint8", "quantised"),
+        ("int64", "quantised"),
+        ("bool", "a mask"),
+        ("complex64", "no real equivalent"),
+        ("float8_e4m3fn", "quantised"),
+    ],
+)
+def test_weight_that_is_not_real_floats_is_a_clear_error(dtype, message):
+    import ml_dtypes  # noqa: F401  (registers the float8 dtype names)
+
+    weights = mixtral_weights()
+    weights["experts.down_proj"] = weights["experts.down_proj"].astype(dtype)
+    with pytest.raises(
+        ValueError,
+        match=rf"'experts.down_proj' must hold real floating-point numbers; "
+        rf".*{message}.*Received: experts.down_proj of dtype {dtype}$",
+    ):
+        from_transformers(MIXTRAL_CONFIG, weights)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1e300])
+def test_weight_that_is_not_finite_is_a_clear_error(bad):
+    weights = mixtral_weights()
+    weights["gate.weight"] = weights["gate.weight"].astype("float64")
+    weights["gate.weight"][1, 2] = bad
+    with pytest.raises(
+        ValueError,
+        match=r"'gate.weight' must be finite; it holds 1 NaN or infinite "
+        r".*Received: gate.weight\[1, 2\]=-?(nan|inf)$",
+    ):
+        from_transformers(MIXTRAL_CONFIG, weights)
+
+
+def test_bfloat16_and_float16_weights_convert():
+    import ml_dtypes
+
+    weights = mixtral_weights()
+    weights["gate.weight"] = weights["gate.weight"].astype(ml_dtypes.bfloat16)
+    weights["experts.down_proj"] = weights["experts.down_proj"].astype(
+        "float16"
+    )
+    layer = from_transformers(MIXTRAL_CONFIG, weights)
+    kernel = {w.name: w for w in layer.weights}["router_kernel"]
+    np.testing.assert_array_equal(ops.convert_to_numpy(kernel), np.ones((4, 2)))
+
+
 # --- Other backends ----------------------------------------------------------
 
 OTHER_BACKENDS = [b for b in ("jax", "torch") if b != BACKEND]

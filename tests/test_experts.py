@@ -7,6 +7,8 @@ Runs on the backend KERAS_BACKEND names; test_backends.py reruns this file on
 the other backends.
 """
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -383,6 +385,110 @@ def test_layer_experts_errors():
     )
     with pytest.raises(ValueError, match="same output width"):
         widths.build((None, 6))
+
+
+def test_experts_over_the_size_limit_warn_before_creating_weights(
+    monkeypatch,
+):
+    # 2 experts x (6 x 8 + 8 + 8 x 6 + 6) = 220 numbers, 880 B in float32.
+    monkeypatch.setattr(moe.experts, "LARGE_WEIGHTS", 219, raising=False)
+    with pytest.warns(
+        UserWarning,
+        match=r"The stacked experts 'experts' are about to create 220 "
+        r"parameters \(880 B in float32\), more than 219: building may run "
+        r"out of memory.*Received: shapes \[\(2, 6, 8\), \(2, 8\), "
+        r"\(2, 8, 6\), \(2, 6\)\]",
+    ):
+        moe.MoELayer(2, 8).build((None, 6))
+    monkeypatch.setattr(moe.experts, "LARGE_WEIGHTS", 220, raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        moe.MoELayer(2, 8).build((None, 6))
+
+
+@pytest.mark.parametrize("load", ["from_config", "deserialize"])
+def test_config_with_a_huge_hidden_dim_warns_before_allocating(load):
+    # A crafted config: 2 experts of width 10**12 on 8 features, 123.7 TiB.
+    # The warning, made an error here, comes before any variable exists.
+    config = moe.MoELayer(2, 4, name="crafted").get_config()
+    config["hidden_dim"] = 10**12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(
+            UserWarning,
+            match=r"about to create 34,000,000,000,016 parameters "
+            r"\(123.7 TiB in float32\)",
+        ):
+            if load == "from_config":
+                moe.MoELayer.from_config(config).build((None, 8))
+            else:
+                keras.layers.deserialize(
+                    {
+                        "module": "moe",
+                        "class_name": "MoELayer",
+                        "registered_name": "moe>MoELayer",
+                        "config": config,
+                        "build_config": {"input_shape": [None, 8]},
+                    }
+                )
+
+
+class FirstRowOnly(keras.layers.Layer):
+    """A broken expert: a `Dense` whose output keeps only the first row,
+    though it declares one row per input row."""
+
+    def build(self, input_shape):
+        self.dense = keras.layers.Dense(3)
+        self.dense.build(input_shape)
+
+    def call(self, x):
+        return self.dense(x)[:1]
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], 3)
+
+
+class MeanRow(keras.layers.Layer):
+    """A broken expert whose declared output is one row."""
+
+    def call(self, x):
+        return ops.mean(x, axis=0, keepdims=True)
+
+
+@pytest.mark.parametrize("dispatch", ["dynamic", "static"])
+def test_layer_expert_returning_fewer_rows_is_refused(dispatch):
+    layer = moe.MoELayer(
+        experts=[FirstRowOnly(), keras.layers.Dense(3)],
+        top_k=2,
+        dispatch=dispatch,
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"one row per input row. Received: expert 'first_row_only\w*' "
+        r"returned 1 rows for 4 \(output shape \(1, 3\)\)",
+    ):
+        layer(random_inputs((4, 6)))
+
+
+def test_layer_expert_declaring_fewer_rows_is_refused():
+    layer = moe.MoELayer(experts=[MeanRow(), MeanRow()])
+    with pytest.raises(
+        ValueError,
+        match=r"to `\(n, d_out\)`. Received: expert 'mean_row\w*' with "
+        r"output shape \(1, 6\)",
+    ):
+        layer.build((None, 6))
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_layer_experts_of_another_dtype_give_the_layer_compute_dtype(policy):
+    experts = [keras.layers.Dense(3, dtype="float16") for _ in range(2)]
+    layer = moe.MoELayer(experts=experts, top_k=1, dtype=policy)
+    outputs = layer(random_inputs((4, 6)))
+    assert keras.backend.standardize_dtype(outputs.dtype) == (
+        layer.compute_dtype
+    )
+    assert layer.experts.compute_dtype == layer.compute_dtype
 
 
 def test_layer_experts_contract(tmp_path):

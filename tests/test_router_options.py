@@ -295,6 +295,91 @@ def test_router_object_owns_its_arguments(kwargs, message):
         moe.MoELayer(routing=FirstFeatureRouter(num_experts=2), **args)
 
 
+class FixedDecisionRouter(Router):
+    """Returns what `decide(num_tokens, num_experts)` gives, for k = 1."""
+
+    def __init__(self, decide, **kwargs):
+        super().__init__(**kwargs)
+        self.decide = decide
+
+    @property
+    def experts_per_input(self):
+        return 1
+
+    def call(self, tokens, token_mask=None, routing_key=None, training=None):
+        return self.decide(tokens.shape[0], self.num_experts)
+
+
+def _choice(indices):
+    indices = np.asarray(indices)
+    return TokenChoice(
+        ops.convert_to_tensor(indices),
+        ops.ones(indices.shape, "float32"),
+    )
+
+
+@pytest.mark.parametrize(
+    "decide, message",
+    [
+        (
+            lambda t, e: _choice(np.full((t, 1), e, "int32")),
+            r"`expert_indices` in \[0, num_experts\) = \[0, 4\)\. "
+            "Received: expert_indices from 4 to 4",
+        ),
+        (
+            lambda t, e: _choice(np.arange(-1, t - 1, dtype="int32")[:, None]),
+            "Received: expert_indices from -1 to 4",
+        ),
+        (
+            lambda t, e: _choice(np.zeros((t - 1, 1), "int32")),
+            r"of shape \(tokens, experts_per_input\) = \(6, 1\): one row "
+            r"per token.*Received: expert_indices.shape=\(5, 1\)",
+        ),
+        (
+            lambda t, e: _choice(np.zeros((t, 2), "int32")),
+            r"Received: expert_indices.shape=\(6, 2\)",
+        ),
+        (
+            lambda t, e: _choice(np.zeros((t, 1), "float32")),
+            "`expert_indices` of an integer dtype. "
+            "Received: expert_indices.dtype=float32",
+        ),
+        (
+            lambda t, e: TokenChoice(
+                ops.zeros((t, 1), "int32"), ops.ones((t, 1), "int32")
+            ),
+            "Received: expert_weights.dtype=int32",
+        ),
+        (
+            lambda t, e: {"expert_indices": ops.zeros((t, 1), "int32")},
+            "a `TokenChoice`.*Received: a dict",
+        ),
+    ],
+)
+@pytest.mark.parametrize("method", ["call", "route"])
+def test_custom_router_decision_is_checked(decide, message, method):
+    layer = moe.MoELayer(
+        4, 5, routing=FixedDecisionRouter(decide, num_experts=4)
+    )
+    x = random_inputs((6, 3))
+    with pytest.raises(
+        ValueError, match="`FixedDecisionRouter.call` must return .*" + message
+    ):
+        (layer if method == "call" else layer.route)(x)
+
+
+def test_custom_router_decision_in_range_and_int64_runs():
+    layer = moe.MoELayer(
+        4,
+        5,
+        routing=FixedDecisionRouter(
+            lambda t, e: _choice(np.arange(t, dtype="int64")[:, None] % e),
+            num_experts=4,
+        ),
+    )
+    assert tuple(layer(random_inputs((6, 3))).shape) == (6, 3)
+
+
 # --- Saving and construction errors ------------------------------------------
 
 

@@ -168,6 +168,35 @@ def test_hash_routing_key_errors():
         make_layer("top_k_shared")(x, routing_key=np.zeros((2, 3), "int32"))
 
 
+@pytest.mark.parametrize(
+    "key, message",
+    [
+        (
+            np.full((2, 3), 1.5, "float32"),
+            r"an integer tensor .* Received: routing_key.dtype=float32",
+        ),
+        (np.ones((2, 3), "bool"), "Received: routing_key.dtype=bool"),
+        (
+            np.arange(-1, 5, dtype="int32").reshape(2, 3),
+            r"integers in \[0, 2\*\*31\) .* Received: routing_key from -1 "
+            "to 4",
+        ),
+        (
+            # JAX without x64 wraps it to -2**31 on the way in.
+            np.full((2, 3), 2**31, "int64"),
+            "Received: routing_key from -?2147483648 to -?2147483648",
+        ),
+    ],
+)
+@pytest.mark.parametrize("method", ["call", "route"])
+def test_hash_routing_key_must_be_integers_from_zero(key, message, method):
+    # Eager: the values are checked too (docs/layers.md, "hash").
+    layer = make_layer("hash")
+    x = random_inputs((2, 3, 6))
+    with pytest.raises(ValueError, match=message):
+        (layer if method == "call" else layer.route)(x, routing_key=key)
+
+
 # --- Outputs equal the slow reference ----------------------------------------
 
 

@@ -22,6 +22,7 @@ from moe.convert import deepseek, gpt_oss, mixtral, qwen, switch
 from moe.convert.config import read
 from moe.convert.weights import WeightReader, assign, layer_values
 from moe.moe_layer import MoELayer
+from moe.validation import integer
 
 __all__ = ["from_transformers"]
 
@@ -64,8 +65,10 @@ def from_transformers(config, weights, **layer_arguments):
 
     Raises:
         ValueError: for a `model_type` or config value that has no
-            equivalent here, a missing or unknown weight, or a weight whose
-            shape does not fit the config.
+            equivalent here or is of the wrong kind (a count that is not an
+            integer), a missing or unknown weight, a weight whose shape does
+            not fit the config, or one that is not finite real floats
+            (integer, bool, float8, complex; NaN or infinite).
 
     Example:
 
@@ -92,7 +95,9 @@ def from_transformers(config, weights, **layer_arguments):
         )
     family = FAMILIES[model_type]
     arguments = {**family.arguments(config), **layer_arguments}
-    model_dim = read(config, model_type, "hidden_size", "d_model")
+    model_dim = read(
+        config, model_type, "hidden_size", "d_model", check=integer
+    )
     reader = WeightReader(
         weights,
         model_type,

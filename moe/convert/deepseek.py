@@ -1,7 +1,8 @@
 """DeepSeek-V2/V3, GLM-4-MoE and dots1: scaled routed weights,
 group-limited selection, a shared MLP."""
 
-from moe.convert.config import read, top_k_arguments
+from moe import validation
+from moe.convert.config import count, positive, read, top_k_arguments
 from moe.convert.family import Family
 
 
@@ -13,17 +14,29 @@ def _deepseek(config, group_score, score_function, normalize):
     result.update(
         score_function=score_function,
         routed_scaling_factor=float(
-            read(config, model_type, "routed_scaling_factor", default=1.0)
+            read(
+                config,
+                model_type,
+                "routed_scaling_factor",
+                default=1.0,
+                check=positive,
+            )
         ),
     )
-    num_groups = config.get("n_group")
-    if group_score and num_groups and num_groups > 1:
+    num_groups = read(
+        config, model_type, "n_group", default=1, check=validation.integer
+    )
+    if group_score and num_groups > 1:
         result.update(
             num_groups=num_groups,
-            groups_per_token=read(config, model_type, "topk_group"),
+            groups_per_token=read(
+                config, model_type, "topk_group", check=validation.integer
+            ),
             group_score=group_score,
         )
-    shared = config.get("n_shared_experts")
+    shared = read(
+        config, model_type, "n_shared_experts", default=0, check=count
+    )
     if shared:
         result.update(
             num_shared_experts=1,
@@ -42,6 +55,7 @@ def _deepseek_v3(normalize_default):
             config["model_type"],
             "norm_topk_prob",
             default=normalize_default,
+            check=validation.boolean,
         )
         result = _deepseek(config, "top2_sum", "sigmoid", normalize)
         result["selection_bias"] = True

@@ -1,12 +1,16 @@
 """Mixtral and MiniMax: softmax top-k, renormalised, SwiGLU experts."""
 
-from moe.convert.config import read, top_k_arguments
+from moe.convert.config import non_negative, read, top_k_arguments
 from moe.convert.family import ExpertNames, Family
 
 
 def arguments(config):
     aux = read(
-        config, config["model_type"], "router_aux_loss_coef", default=0.001
+        config,
+        config["model_type"],
+        "router_aux_loss_coef",
+        default=0.001,
+        check=non_negative,
     )
     return top_k_arguments(config, "intermediate_size", True, aux)
 

@@ -1,7 +1,13 @@
 """Qwen-MoE, OLMoE and Jamba: softmax top-k, optionally renormalised, and
 an optional shared expert with a sigmoid gate."""
 
-from moe.convert.config import read, top_k_arguments
+from moe import validation
+from moe.convert.config import (
+    count,
+    non_negative,
+    read,
+    top_k_arguments,
+)
 from moe.convert.family import Family
 
 
@@ -13,13 +19,27 @@ def softmax_top_k(hidden_dim_key, aux_default, normalize_default=False):
     def arguments(config):
         model_type = config["model_type"]
         normalize = read(
-            config, model_type, "norm_topk_prob", default=normalize_default
+            config,
+            model_type,
+            "norm_topk_prob",
+            default=normalize_default,
+            check=validation.boolean,
         )
         aux = read(
-            config, model_type, "router_aux_loss_coef", default=aux_default
+            config,
+            model_type,
+            "router_aux_loss_coef",
+            default=aux_default,
+            check=non_negative,
         )
         result = top_k_arguments(config, hidden_dim_key, normalize, aux)
-        shared = config.get("shared_expert_intermediate_size")
+        shared = read(
+            config,
+            model_type,
+            "shared_expert_intermediate_size",
+            default=0,
+            check=count,
+        )
         if shared:
             result.update(
                 num_shared_experts=1,

@@ -1,7 +1,8 @@
 """Switch Transformers: top-1, the router's probability as the weight,
 ReLU feed-forward experts."""
 
-from moe.convert.config import activation, read
+from moe import validation
+from moe.convert.config import activation, non_negative, read
 from moe.convert.family import ExpertNames, Family
 
 
@@ -11,8 +12,12 @@ def arguments(config):
     # the converted layer keeps them all (see docs/convert.md).
     model_type = "switch_transformers"
     return {
-        "num_experts": read(config, model_type, "num_experts"),
-        "hidden_dim": read(config, model_type, "d_ff"),
+        "num_experts": read(
+            config, model_type, "num_experts", check=validation.integer
+        ),
+        "hidden_dim": read(
+            config, model_type, "d_ff", check=validation.integer
+        ),
         "routing": "switch",
         "router_use_bias": bool(
             read(config, model_type, "router_bias", default=False)
@@ -22,15 +27,31 @@ def arguments(config):
         "gated": False,
         "use_bias": False,
         "aux_loss_weight": read(
-            config, model_type, "router_aux_loss_coef", default=0.001
+            config,
+            model_type,
+            "router_aux_loss_coef",
+            default=0.001,
+            check=non_negative,
         ),
         "z_loss_weight": read(
-            config, model_type, "router_z_loss_coef", default=0.001
+            config,
+            model_type,
+            "router_z_loss_coef",
+            default=0.001,
+            check=non_negative,
         ),
         "router_jitter": read(
-            config, model_type, "router_jitter_noise", default=0.01
+            config,
+            model_type,
+            "router_jitter_noise",
+            default=0.01,
+            check=_jitter,
         ),
     }
+
+
+def _jitter(name, value):
+    validation.number(name, value, minimum=0, maximum=1, max_open=True)
 
 
 FAMILIES = {

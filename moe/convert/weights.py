@@ -127,9 +127,8 @@ class WeightReader:
                 "Pass the block's state dict with names relative to the block "
                 f"(e.g. 'gate.weight'). Received: {_names(self.weights)}"
             )
-        # float32 whatever the checkpoint's dtype: the router computes in
-        # float32, and assigning casts the rest to the layer's dtype.
-        value = np.asarray(self.weights[name], dtype="float32")
+        value = np.asarray(self.weights[name])
+        _check_real_floats(name, value)
         expected = tuple(self.dims[letter] for letter in shape)
         if value.shape != expected:
             raise ValueError(
@@ -137,6 +136,11 @@ class WeightReader:
                 f"config ({self._dims_text()}) has shape {expected}. "
                 f"Received: {name} of shape {value.shape}"
             )
+        # float32 whatever the checkpoint's dtype: the router computes in
+        # float32, and assigning casts the rest to the layer's dtype.
+        with np.errstate(over="ignore"):  # `_check_finite` says it
+            value = value.astype("float32")
+        _check_finite(name, value)
         self.read_names.add(name)
         return value
 
@@ -163,6 +167,43 @@ class WeightReader:
     def _dims_text(self):
         names = {"E": "experts", "d": "width", "h": "expert width"}
         return ", ".join(f"{names[k]} {self.dims[k]}" for k in names)
+
+
+def _check_real_floats(name, value):
+    # Casting anything else to float32 would make a wrong layer silently:
+    # the integers of an int8 (or float8) tensor are not the weights
+    # without their scale, a bool is a mask, a complex loses its imaginary
+    # part. bfloat16 (ml_dtypes, NumPy kind "V") is a float.
+    dtype = value.dtype
+    if dtype.kind == "f" or dtype.name == "bfloat16":
+        return
+    if dtype.kind in "iu" or dtype.name.startswith("float8"):
+        why = (
+            "it is quantised (its values are not the weights without their "
+            "scale): dequantise it first"
+        )
+    elif dtype.kind == "b":
+        why = "a bool tensor is a mask, not a weight"
+    elif dtype.kind == "c":
+        why = "a complex tensor has no real equivalent"
+    else:
+        why = "it does not hold numbers"
+    raise ValueError(
+        f"The weight {name!r} must hold real floating-point numbers; {why}. "
+        f"Received: {name} of dtype {dtype.name}"
+    )
+
+
+def _check_finite(name, value):
+    bad = ~np.isfinite(value)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"The weight {name!r} must be finite; it holds "
+            f"{int(bad.sum())} NaN or infinite value(s) in float32 (a float64 "
+            "beyond float32's range becomes infinite). Received: "
+            f"{name}[{', '.join(map(str, first))}]={value[first]}"
+        )
 
 
 def _names(weights):

@@ -45,6 +45,7 @@ seam: the one place outside `keras.ops` that touches a backend directly.
 
 from moe.dispatch.backend import (
     has_grouped_matmul,
+    has_values,
     on_accelerator,
     shapes_must_be_static,
 )
@@ -94,6 +95,7 @@ __all__ = [
     "gather_dispatch",
     "grouped_dispatch",
     "has_grouped_matmul",
+    "has_values",
     "kept_pairs",
     "on_accelerator",
     "positions_in_expert",

@@ -31,6 +31,32 @@ def shapes_must_be_static(x):
     return True
 
 
+def has_values(x):
+    """Whether `x`'s values exist now (eager), so that reading them costs a
+    copy to the host and nothing more; `False` while a graph or compiler
+    traces `x` (a TensorFlow graph, JAX tracing, `torch.compile`, PyTorch's
+    symbolic "meta" tensors), where reading values would add ops to the
+    compiled program or fail. Checks of values run only where this holds.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.executing_eagerly()
+    if backend == "jax":
+        import jax
+
+        return not isinstance(x, jax.core.Tracer)
+    if backend == "torch":
+        import torch
+
+        device = getattr(x, "device", None)  # None: a NumPy array
+        return not torch.compiler.is_compiling() and (
+            device is None or device.type != "meta"
+        )
+    return True
+
+
 def has_grouped_matmul():
     """Whether the backend has a grouped matmul (JAX, PyTorch)."""
     return keras.backend.backend() in ("jax", "torch")

@@ -50,6 +50,10 @@ class Router(keras.layers.Layer):
     `@keras.saving.register_keras_serializable()` and return your own
     arguments from `get_config()` (chained to `super()`), and an
     `MoELayer(routing=YourRouter(...))` saves and reloads like any layer.
+    `MoELayer` checks the decision (`check_decision`) before dispatching it:
+    its dtypes and shapes wherever they are known while tracing, the index
+    values only eagerly (under a compiler an index outside `[0, E)` is not
+    caught, and the output is wrong).
 
     The arguments below are the ones every router takes; a router documents
     which of them have no effect for it (a hash router has no learned
@@ -190,7 +194,94 @@ class Router(keras.layers.Layer):
                 f"last axis, {expected}. Received: "
                 f"routing_key.shape={tuple(routing_key.shape)}"
             )
-        return ops.reshape(routing_key, (-1,))
+        dtype = keras.backend.standardize_dtype(routing_key.dtype)
+        if not dtype.startswith(("int", "uint")):
+            # A float key would be truncated, a bool one is no key.
+            raise ValueError(
+                "`routing_key` must be an integer tensor (keys >= 0, e.g. "
+                f"token ids). Received: routing_key.dtype={dtype}"
+            )
+        keys = ops.reshape(routing_key, (-1,))
+        # Values only eagerly: in a compiled graph the check would cost a
+        # device-to-host sync per call (see docs/layers.md).
+        if keys.shape[0] and dispatch_lib.has_values(keys):
+            low = int(ops.convert_to_numpy(ops.min(keys)))
+            high = int(ops.convert_to_numpy(ops.max(keys)))
+            if low < 0 or high >= 2**31:
+                raise ValueError(
+                    "`routing_key` must hold integers in [0, 2**31) (the "
+                    "hash computes in int32). Received: routing_key from "
+                    f"{low} to {high}"
+                )
+        return keys
+
+    def check_decision(self, decision, tokens):
+        """Refuse a token-choice decision the base `dispatch` would misuse.
+
+        Runs for routers that keep the base class's `dispatch` (a router
+        that overrides it checks its own decisions). Shapes and dtypes are
+        checked wherever they are known while tracing: `expert_indices` an
+        integer `(T, k)` with `k = experts_per_input`, `expert_weights` a
+        float of the same shape, one row per token. The index values (in
+        `[0, num_experts)`) are checked only for a `call` that is not the
+        library's and only where they exist without a compiler (eager; see
+        `moe.dispatch.has_values`): in a compiled graph a check would add a
+        device-to-host sync, so there an index out of range is not caught
+        (the output is wrong), nor are rows or `k` a symbolic shape hides.
+        """
+        if type(self).dispatch is not Router.dispatch:
+            return
+        who = f"`{type(self).__name__}.call`"
+        if not all(
+            hasattr(decision, name)
+            for name in ("expert_indices", "expert_weights")
+        ):
+            raise ValueError(
+                f"{who} must return a `TokenChoice` (or the router must "
+                "override `dispatch` and `per_token`). Received: a "
+                f"{type(decision).__name__}"
+            )
+        indices, weights = decision.expert_indices, decision.expert_weights
+        try:
+            k = self.experts_per_input
+        except NotImplementedError:
+            k = None
+        expected = (tokens.shape[0], k)  # None where unknown: not checked
+        for name, value, kinds, what in (
+            ("expert_indices", indices, ("int", "uint"), "an integer"),
+            ("expert_weights", weights, ("float", "bfloat"), "a float"),
+        ):
+            dtype = keras.backend.standardize_dtype(value.dtype)
+            if not dtype.startswith(kinds):
+                raise ValueError(
+                    f"{who} must return `{name}` of {what} dtype. "
+                    f"Received: {name}.dtype={dtype}"
+                )
+            shape = tuple(value.shape)
+            if not validation.same_shape(shape, expected):
+                raise ValueError(
+                    f"{who} must return `{name}` of shape (tokens, "
+                    f"experts_per_input) = {expected}: one row per token, in "
+                    f"the order of the tokens. Received: {name}.shape={shape}"
+                )
+        # The library's own routers give indices in range by construction:
+        # no host sync for them. (`__module__` is None for code run by
+        # `exec`.)
+        module = getattr(type(self).call, "__module__", None) or ""
+        if (
+            module.startswith("moe.")
+            or 0 in indices.shape
+            or not dispatch_lib.has_values(indices)
+        ):
+            return
+        low = int(ops.convert_to_numpy(ops.min(indices)))
+        high = int(ops.convert_to_numpy(ops.max(indices)))
+        if low < 0 or high >= self.num_experts:
+            raise ValueError(
+                f"{who} must return `expert_indices` in [0, num_experts) = "
+                f"[0, {self.num_experts}). Received: expert_indices from "
+                f"{low} to {high}"
+            )
 
     def dispatch(self, decision, experts, tokens, token_mask, mode, training):
         """Run the experts on the tokens the decision routes to them.
