@@ -306,7 +306,8 @@ def validate(config: TrainingConfig) -> None:
     if not 0 < config.validation_split < 1:
         _fail("validation_split", "must be between 0 and 1 (exclusive)",
               config.validation_split)  # fmt: skip
-    for name, rule in recipe.check(config):
+    optimizer = config.optimizer or ARCHITECTURES[config.architecture].optimizer
+    for name, rule in recipe.check(config, optimizer):
         _fail(name, rule, getattr(config, name))
     if not 0 <= config.seed <= MAX_SEED:
         _fail("seed", f"must be between 0 and {MAX_SEED}", config.seed)
@@ -347,7 +348,14 @@ def _check_tensorboard(log_dir: str | None) -> None:
 
 
 def with_defaults(config: TrainingConfig) -> TrainingConfig:
-    """`config` with the architecture's defaults for its unset fields."""
+    """`config` with the architecture's defaults for its unset fields.
+
+    Adam has no weight decay: its run records 0 (`validate` refuses a decay
+    given with it).
+    """
     defaults = dataclasses.asdict(ARCHITECTURES[config.architecture])
     unset = {k: v for k, v in defaults.items() if getattr(config, k) is None}
-    return dataclasses.replace(config, **unset)
+    config = dataclasses.replace(config, **unset)
+    if config.optimizer == "adam":
+        config = dataclasses.replace(config, weight_decay=0.0)
+    return config
