@@ -45,12 +45,14 @@ def main(argv: list[str] | None = None) -> int:
             # Settings, corpus and output folder, before TensorFlow loads.
             training.validate(config)
             texts = training.load_corpus(config)
+            held_out = training.load_validation_corpus(config, texts)
             with cli.loading_tensorflow():
                 # A cluster is joined before TensorFlow sets up its devices.
                 strategy = distribute.make_strategy(config.strategy)
             summary = training.train(
-                config, texts=texts, strategy=strategy, interrupted=interrupted
-            )
+                config, strategy=strategy, interrupted=interrupted,
+                texts=texts, held_out=held_out,
+            )  # fmt: skip
     except USER_ERRORS as e:
         names = [f.name for f in dataclasses.fields(config)]
         return cli.error("model.py", cli.flag_message(str(e), names))

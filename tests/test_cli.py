@@ -140,6 +140,49 @@ def test_cheap_checks_answer_before_tensorflow_loads(argv, expected):
         assert expected in result.stderr.strip().splitlines()[-1]
 
 
+def _validation_corpus_cases(tmp, corpus_file):
+    (tmp / "empty.txt").write_text("")
+    (tmp / "one_word.txt").write_text("hello.")
+    (tmp / "copy.txt").write_text(corpus_file.read_text())
+    out = ["--output", str(tmp / "never_written")]
+    train = ["model.py", *out, "--corpus", corpus_file, "--validation-corpus"]
+    return {
+        "missing": ([*train, tmp / "nope.txt"], "file not found"),
+        "empty": (
+            [*train, tmp / "empty.txt"],
+            "--validation-corpus " + str(tmp / "empty.txt") + " has no word "
+            "to predict (0 word(s)",
+        ),
+        "one_word": ([*train, tmp / "one_word.txt"], "has no word to predict"),
+        "the_training_file": (
+            [*train, corpus_file],
+            "is also training text (--corpus)",
+        ),
+        "a_copy_of_it": ([*train, tmp / "copy.txt"], "is also training text"),
+        "with_split": (
+            [*train, tmp / "copy.txt", "--validation-split", "0.1"],
+            "--validation-split holds out the end of --corpus; "
+            "--validation-corpus holds out its files instead",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing", "empty", "one_word", "the_training_file", "a_copy_of_it",
+     "with_split"],
+)  # fmt: skip
+def test_validation_corpus_is_checked_before_tensorflow_loads(
+    tmp_path, lm_corpus_file, case
+):
+    argv, expected = _validation_corpus_cases(tmp_path, lm_corpus_file)[case]
+    result = run_script("-c", BLOCK_TENSORFLOW, *argv, timeout=60)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("model.py: error: ") and expected in last, last
+
+
 def test_same_seed_same_vocabulary_and_metrics(tmp_path, lm_corpus_file):
     runs = []
     for name in ("a", "b"):

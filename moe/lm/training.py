@@ -43,6 +43,7 @@ from moe.lm.training_config import (
 from moe.lm.training_data import (
     examples_per_epoch,
     load_corpus,
+    load_validation_corpus,  # noqa: F401 (public here)
     make_datasets,
     prepare_data,
     validation_dataset,
@@ -164,6 +165,7 @@ def train(
     strategy=None,
     interrupted: threading.Event | None = None,
     texts: list[str] | None = None,
+    held_out: list[str] | None = None,
 ) -> dict:
     """Trains, saves the bundle to `config.output` and returns the summary.
 
@@ -179,6 +181,8 @@ def train(
         interrupted: set (e.g. by a Ctrl-C handler) to stop training before
             the next step and before saving, with `KeyboardInterrupt`.
         texts: the corpus, if already read (`load_corpus(config)`).
+        held_out: the validation corpus, if already read
+            (`load_validation_corpus(config, texts)`).
 
     Raises:
         ConfigError, moe.lm.corpus.CorpusError, moe.lm.bundle.BundleError:
@@ -198,7 +202,7 @@ def train(
         if lock is not None:
             bundle.check_output(config.output)  # again, under the lock
         summary, model, tokenizer, figures = _fit(
-            config, texts, task, verbose, callbacks, strategy,
+            config, texts, held_out, task, verbose, callbacks, strategy,
             interrupted or threading.Event(),
         )  # fmt: skip
         if chief:
@@ -209,7 +213,8 @@ def train(
     return summary
 
 
-def _fit(config, texts, task, verbose, callbacks, strategy, interrupted):
+def _fit(config, texts, held_out, task, verbose, callbacks, strategy,
+         interrupted):  # fmt: skip
     """Trains; returns `(summary, model, tokenizer, figures)`."""
     import keras
 
@@ -226,7 +231,7 @@ def _fit(config, texts, task, verbose, callbacks, strategy, interrupted):
     keras.utils.set_random_seed(config.seed)
     start = finetune.load(config)
     data = prepare_data(
-        config, texts, start.bundle.tokenizer if start else None
+        config, texts, start.bundle.tokenizer if start else None, held_out
     )
     check_memory(config, data.tokenizer.vocab_size)
     train_ds, val_ds = _datasets(config, data, strategy)
