@@ -573,7 +573,9 @@ def test_a_second_training_on_the_same_output_is_refused(
     shutil.copytree(lm_trained[0], target)
     before = snapshot(target)
     with bundle.OutputLock(target):  # a first training, still running
+        # Refused at once, as documented: before TensorFlow loads.
         result = run_script(
+            "-c", BLOCK_TENSORFLOW,
             "model.py", "--corpus", lm_corpus_file, "--output", target,
             *LM_TINY_FLAGS,
         )  # fmt: skip

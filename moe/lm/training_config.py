@@ -273,7 +273,8 @@ def validate(config: TrainingConfig) -> None:
 
     Raises:
         ConfigError: the first invalid setting, naming its flag.
-        moe.lm.bundle.BundleError: `output` may not be written.
+        moe.lm.bundle.BundleError: `output` may not be written, or another
+            run is writing it (`BundleBusyError`).
     """
     from moe.lm import finetune  # it imports this module
 
@@ -322,11 +323,13 @@ def validate(config: TrainingConfig) -> None:
     if not 0 <= config.seed <= MAX_SEED:
         _fail("seed", f"must be between 0 and {MAX_SEED}", config.seed)
     try:
-        distribute.check_strategy(config.strategy)
+        task = distribute.check_strategy(config.strategy)
     except distribute.StrategyError as e:
         raise ConfigError(str(e)) from None
     _check_tensorboard(config.tensorboard)
     output = bundle.check_output(config.output)
+    if task is None or task.is_chief:  # only the chief writes
+        bundle.OutputLock(output).check_free()
     for path in (config.corpus or []) + (config.validation_corpus or []):
         if Path(os.path.realpath(path)).is_relative_to(output):
             _fail("corpus", f"must not be inside `output` ({config.output}): "
