@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         with cli.ctrl_c_stops_training() as interrupted:
             # Settings, corpus and output folder, before TensorFlow loads.
             training.validate(config)
+            training.check_size(config)
             texts = training.load_corpus(config)
             held_out = training.load_validation_corpus(config, texts)
             with cli.loading_tensorflow():

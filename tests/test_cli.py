@@ -124,6 +124,10 @@ runpy.run_path(sys.argv[0], run_name="__main__")
         (["model.py", "--corpus", "missing.txt"], "file not found"),
         (["model.py", "--output", "model.py"], "is a file"),
         (["model.py", "--learning-rate", "inf"], "must be a finite number"),
+        (
+            ["model.py", "--num-experts", "10000", "--hidden-dim", "100000"],
+            "GiB to train (128,000,000,",  # before the model is built
+        ),
         (["serve.py", "--model-dir", "missing", "hi"], "no trained model"),
         (["serve.py", "--http", "--port", "70000"], "--port must be 0-65535"),
     ],

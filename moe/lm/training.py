@@ -34,6 +34,7 @@ import time
 import numpy as np
 
 from moe.lm import architectures, bundle, distribute, finetune, quantize, recipe
+from moe.lm.tokenizer import NUM_RESERVED
 from moe.lm.training_config import (
     ConfigError,
     TrainingConfig,
@@ -92,12 +93,36 @@ def check_memory(config: TrainingConfig, vocab_size: int) -> int:
     return needed
 
 
+def check_size(config: TrainingConfig) -> None:
+    """`check_memory` before the corpus is tokenized (no TensorFlow).
+
+    With the smallest vocabulary the settings allow: what the experts and
+    the attention alone need is refused at once; the exact check runs once
+    the vocabulary is known.
+
+    Raises:
+        ConfigError: more than the machine's physical memory.
+    """
+    check_memory(finetune.resolve(config), vocab_size=NUM_RESERVED + 1)
+
+
 def physical_memory() -> int | None:
-    """This machine's physical memory in bytes (`None` if unknown)."""
+    """The memory this process may use, in bytes (`None` if unknown): the
+    machine's physical memory, or its control group's limit if lower."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
         return None
+    for limit in (
+        "/sys/fs/cgroup/memory.max",  # cgroup v2
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",  # v1
+    ):
+        try:
+            with open(limit) as f:
+                memory = min(memory, int(f.read().strip()))
+        except (OSError, ValueError):  # absent, or "max"
+            continue
+    return memory
 
 
 def model_arguments(config: TrainingConfig, vocab_size: int) -> dict:
