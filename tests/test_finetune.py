@@ -105,6 +105,44 @@ def test_starting_point_errors(tmp_path, base_bundle, changes, message):
         training.validate(dataclasses.replace(config, **changes))
 
 
+def copy_of(base_bundle, folder, quantize=None, num_experts=None):
+    """A copy of the bundle: its model quantized, `training.json`'s
+    `num_experts` rewritten (the model keeps its own)."""
+    from moe.lm.quantize import quantize_model
+
+    loaded = bundle.load_bundle(base_bundle)
+    if quantize:
+        quantize_model(loaded.model, quantize)
+    record = dict(loaded.training, config=dict(loaded.training["config"]))
+    if num_experts is not None:
+        record["config"]["num_experts"] = num_experts
+    bundle.save_bundle(
+        folder, loaded.model, loaded.tokenizer, loaded.max_seq_len, record
+    )
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    "kind, quantize, label, message",
+    [
+        ("init_from", "int8", None, r"\(saved with `quantize`\)"),
+        ("upcycle_from", "int8-weights", 1, "is quantized"),
+        # A 2-expert model whose training.json says 1: the model decides.
+        ("upcycle_from", None, 1, "needs a dense bundle .* has 2 experts"),
+    ],
+)
+def test_the_starting_model_itself_is_checked(
+    tmp_path, base_bundle, kind, quantize, label, message
+):
+    start = copy_of(base_bundle, tmp_path / "start", quantize, label)
+    config = config_for(tmp_path, NEW_TEXT, tmp_path / "out", **{kind: start})
+    if kind == "upcycle_from":
+        config = dataclasses.replace(config, num_experts=4)
+    training.validate(config)  # training.json alone does not tell
+    with pytest.raises(ConfigError, match=message):
+        finetune.load(config)
+
+
 def test_freeze_a_part_the_model_lacks(tmp_path, lm_trained):
     config = config_for(
         tmp_path, NEW_TEXT, tmp_path / "out",
