@@ -46,6 +46,7 @@ from moe.lm.training_data import (
     load_corpus,
     load_validation_corpus,  # noqa: F401 (public here)
     make_datasets,
+    out_of_vocabulary,
     prepare_data,
     validation_dataset,
 )
@@ -259,6 +260,14 @@ def _fit(config, texts, held_out, task, verbose, callbacks, strategy,
         config, texts, start.bundle.tokenizer if start else None, held_out
     )
     check_memory(config, data.tokenizer.vocab_size)
+    unknown = out_of_vocabulary(data)
+    if start is not None and verbose:
+        print(
+            f"{unknown['train']:.1%} of the words to predict in the new text "
+            f"are outside the vocabulary of {start.directory}: each is the "
+            "out-of-vocabulary token [UNK] (a miss for accuracy, a class "
+            "like any for the loss and perplexity)"
+        )
     train_ds, val_ds = _datasets(config, data, strategy)
     model, trained = _compiled_models(config, data.tokenizer, strategy, start)
     # Per-expert load on a fixed validation sample, on every backend; after
@@ -318,6 +327,7 @@ def _fit(config, texts, held_out, task, verbose, callbacks, strategy,
         "steps": schedule.steps,
         "stopped_by_budget": schedule.stopped_by_budget,
         "validation": validation,
+        "out_of_vocabulary": unknown,
         **quantized,
         "history": history,
         "expert_load": {"per_epoch": load.history, "final": load.final},

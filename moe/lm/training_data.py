@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from moe.lm import corpus
-from moe.lm.tokenizer import Tokenizer, split_sentences
+from moe.lm.tokenizer import NUM_RESERVED, OOV_ID, Tokenizer, split_sentences
 from moe.lm.training_config import ConfigError, TrainingConfig, with_defaults
 
 
@@ -87,11 +87,13 @@ def prepare_data(
     texts of their own and tokenized by the vocabulary of `texts`.
 
     Raises:
-        moe.lm.corpus.CorpusError: too few words for both parts.
+        moe.lm.corpus.CorpusError: too few words for both parts, or none to
+            predict in the vocabulary of the given `tokenizer`.
     """
     config = with_defaults(config)
     if config.validation_corpus and held_out is None:
         held_out = load_validation_corpus(config, texts)
+    fitted = tokenizer  # a bundle's, to continue training it
     if tokenizer is None:
         tokenizer = Tokenizer.fit(texts, config.vocab_size)
     tokens, starts = corpus.token_stream(tokenizer, texts)
@@ -118,7 +120,28 @@ def prepare_data(
             f"the corpus is too small: {len(tokens)} words give "
             f"{len(train)} training and {len(val)} validation pairs; {advice}"
         )
+    if fitted is not None and not np.any(tokens[train] >= NUM_RESERVED):
+        # Only [UNK] to learn: a "good" perplexity that means nothing.
+        raise corpus.CorpusError(
+            f"none of the {len(train)} words to predict in `corpus` is in "
+            "the vocabulary of the model it starts from: fine-tune on text "
+            "in that vocabulary, or train a new model (without `init_from` "
+            "or `upcycle_from`)"
+        )
     return PreparedData(tokenizer, tokens, starts, train, val)
+
+
+def out_of_vocabulary(data: PreparedData) -> dict:
+    """The share of the training and validation targets that are out of
+    the vocabulary (`[UNK]`: a miss for accuracy, an ordinary class for
+    the loss and perplexity)."""
+    return {
+        part: round(float(np.mean(data.tokens[positions] == OOV_ID)), 4)
+        for part, positions in (
+            ("train", data.train_positions),
+            ("validation", data.val_positions),
+        )
+    }
 
 
 def make_datasets(
