@@ -16,22 +16,26 @@ diverges leaves the previous bundle as it was. Serve it with
 `python serve.py "some text"`. The library behind it: `moe.lm.training`.
 """
 
+import os
 import signal
 import sys
 
 
 def stop_quietly(signum, frame):
-    """Ctrl-C before the run's own handler (`cli.ctrl_c_stops_training`)
-    is in place: nothing is written yet; exit 130 without a traceback."""
-    print("model.py: interrupted; nothing was written", file=sys.stderr)
-    raise SystemExit(130)
+    """Ctrl-C outside the run's own handler (`cli.ctrl_c_stops_training`),
+    as the libraries load: exit 130 at once, without a traceback.
+
+    `os._exit`: an exception raised here, inside a C extension's import,
+    comes out as that import's `ImportError`.
+    """
+    print("model.py: interrupted", file=sys.stderr, flush=True)
+    os._exit(130)
 
 
 if __name__ == "__main__":  # first: the imports below take a while
     signal.signal(signal.SIGINT, stop_quietly)
 
 import dataclasses  # noqa: E402
-import os  # noqa: E402
 
 # TensorFlow's C++ start-up log is noise to a user (a level they set stays).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -606,7 +606,7 @@ def test_ctrl_c_while_tensorflow_loads_exits_130(tmp_path):
     # On a busy machine the second may end before the imports do.
     assert err.strip().splitlines() in (
         [f"model.py: interrupted; {tmp_path / 'out'} left unchanged"],
-        ["model.py: interrupted; nothing was written"],
+        ["model.py: interrupted"],
     )
     assert not (tmp_path / "out").exists()
 
