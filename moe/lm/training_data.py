@@ -93,7 +93,7 @@ def prepare_data(
     config = with_defaults(config)
     if config.validation_corpus and held_out is None:
         held_out = load_validation_corpus(config, texts)
-    fitted = tokenizer  # a bundle's, to continue training it
+    given = tokenizer  # a bundle's, to continue training it
     if tokenizer is None:
         tokenizer = Tokenizer.fit(texts, config.vocab_size)
     tokens, starts = corpus.token_stream(tokenizer, texts)
@@ -120,7 +120,7 @@ def prepare_data(
             f"the corpus is too small: {len(tokens)} words give "
             f"{len(train)} training and {len(val)} validation pairs; {advice}"
         )
-    if fitted is not None and not np.any(tokens[train] >= NUM_RESERVED):
+    if given is not None and not np.any(tokens[train] >= NUM_RESERVED):
         # Only [UNK] to learn: a "good" perplexity that means nothing.
         raise corpus.CorpusError(
             f"none of the {len(train)} words to predict in `corpus` is in "
