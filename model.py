@@ -16,9 +16,26 @@ diverges leaves the previous bundle as it was. Serve it with
 `python serve.py "some text"`. The library behind it: `moe.lm.training`.
 """
 
-import dataclasses
 import os
+import signal
 import sys
+
+
+def stop_quietly(signum, frame):
+    """Ctrl-C outside the run's own handler (`cli.ctrl_c_stops_training`),
+    as the libraries load: exit 130 at once, without a traceback.
+
+    `os._exit`: an exception raised here, inside a C extension's import,
+    comes out as that import's `ImportError`.
+    """
+    print("model.py: interrupted", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+if __name__ == "__main__":  # first: the imports below take a while
+    signal.signal(signal.SIGINT, stop_quietly)
+
+import dataclasses  # noqa: E402
 
 # TensorFlow's C++ start-up log is noise to a user (a level they set stays).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -44,13 +61,16 @@ def main(argv: list[str] | None = None) -> int:
         with cli.ctrl_c_stops_training() as interrupted:
             # Settings, corpus and output folder, before TensorFlow loads.
             training.validate(config)
+            training.check_size(config)
             texts = training.load_corpus(config)
+            held_out = training.load_validation_corpus(config, texts)
             with cli.loading_tensorflow():
                 # A cluster is joined before TensorFlow sets up its devices.
                 strategy = distribute.make_strategy(config.strategy)
             summary = training.train(
-                config, texts=texts, strategy=strategy, interrupted=interrupted
-            )
+                config, strategy=strategy, interrupted=interrupted,
+                texts=texts, held_out=held_out,
+            )  # fmt: skip
     except USER_ERRORS as e:
         names = [f.name for f in dataclasses.fields(config)]
         return cli.error("model.py", cli.flag_message(str(e), names))

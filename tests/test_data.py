@@ -77,10 +77,25 @@ def test_dataset_is_streaming():
     ds = data.make_dataset(tokens, starts, positions, 16, 32, shuffle_seed=0)
     x, y = next(iter(ds))
     assert x.shape == (32, 16) and y.shape == (32,)
-    root = ds
-    while hasattr(root, "_input_dataset"):
-        root = root._input_dataset
-    assert root.element_spec.shape == ()  # a scalar position per element
+    chain = [ds]
+    while hasattr(chain[-1], "_input_dataset"):
+        chain.append(chain[-1]._input_dataset)
+    # Shuffled as one tensor per epoch: no `Dataset.shuffle` buffer holding
+    # every position as an element of its own (memory grew with the corpus).
+    assert not [d for d in chain if "Shuffle" in type(d).__name__]
+
+
+@pytest.mark.parametrize("make", [data.make_dataset, data.make_window_dataset])
+def test_shuffled_epochs_differ_and_keep_the_cardinality(make):
+    tokens = np.arange(1, 201, dtype=np.int32)  # a word's id: its position + 1
+    starts = np.zeros_like(tokens)
+    positions = corpus.pair_positions(starts)
+    ds = make(tokens, starts, positions, 1, 8, shuffle_seed=3)
+    epochs = [[np.ravel(batch[1]) for batch in ds] for _ in range(2)]
+    assert len(epochs[0]) == int(ds.cardinality()) == 25
+    first, second = (np.concatenate(e).tolist() for e in epochs)
+    assert first != second
+    assert sorted(first) == (positions + 1).tolist()
 
 
 def test_read_text(tmp_path):

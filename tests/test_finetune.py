@@ -7,6 +7,7 @@ import pytest
 from conftest import LM_TINY_CORPUS, run_script
 
 from moe.lm import bundle, cli, finetune, training
+from moe.lm.corpus import CorpusError
 from moe.lm.training_config import ConfigError
 
 # New text for fine-tuning: the tiny corpus's words and some it lacks.
@@ -60,6 +61,13 @@ def test_init_from_keeps_frozen_parts_bit_identical(tmp_path, base_bundle):
     assert "zebra" not in tuned.tokenizer.vocabulary  # out-of-vocabulary
     assert summary["config"]["num_shared_experts"] == 1  # from the bundle
     assert summary["starting_point"]["frozen"] == ["experts", "embeddings"]
+    # "zebra" is 2 of the 8 words to predict in each pair of lines: the
+    # metrics count it as [UNK], and say so.
+    unknown = summary["out_of_vocabulary"]
+    assert unknown["train"] == pytest.approx(2 / 8, abs=0.02)
+    assert f"({unknown['validation']:.1%} of targets out of vocabulary)" in (
+        training.summary_line(summary)
+    )
     for part, frozen in [("experts", True), ("embeddings", True),
                          ("router", False), ("shared", False)]:  # fmt: skip
         old, new = weights_of(before.model, part), weights_of(tuned.model, part)
@@ -103,6 +111,56 @@ def test_starting_point_errors(tmp_path, base_bundle, changes, message):
     )
     with pytest.raises(ConfigError, match=message):
         training.validate(dataclasses.replace(config, **changes))
+
+
+def test_fine_tuning_on_text_with_no_known_word_is_refused(
+    tmp_path, base_bundle
+):
+    # Its perplexity would be that of predicting [UNK], near 1.
+    text = "zebras graze. okapis browse quietly. giraffes stretch upward.\n"
+    config = config_for(tmp_path, text * 10, tmp_path / "out",
+                        init_from=str(base_bundle))  # fmt: skip
+    with pytest.raises(CorpusError, match="none of the .* words to predict"):
+        training.train(config, verbose=0)
+    assert not (tmp_path / "out").exists()
+
+
+def copy_of(base_bundle, folder, quantize=None, num_experts=None):
+    """A copy of the bundle: its model quantized, `training.json`'s
+    `num_experts` rewritten (the model keeps its own)."""
+    from moe.lm.quantize import quantize_model
+
+    loaded = bundle.load_bundle(base_bundle)
+    if quantize:
+        quantize_model(loaded.model, quantize)
+    record = dict(loaded.training, config=dict(loaded.training["config"]))
+    if num_experts is not None:
+        record["config"]["num_experts"] = num_experts
+    bundle.save_bundle(
+        folder, loaded.model, loaded.tokenizer, loaded.max_seq_len, record
+    )
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    "kind, quantize, label, message",
+    [
+        ("init_from", "int8", None, r"\(saved with `quantize`\)"),
+        ("upcycle_from", "int8-weights", 1, "is quantized"),
+        # A 2-expert model whose training.json says 1: the model decides.
+        ("upcycle_from", None, 1, "needs a dense bundle .* has 2 experts"),
+    ],
+)
+def test_the_starting_model_itself_is_checked(
+    tmp_path, base_bundle, kind, quantize, label, message
+):
+    start = copy_of(base_bundle, tmp_path / "start", quantize, label)
+    config = config_for(tmp_path, NEW_TEXT, tmp_path / "out", **{kind: start})
+    if kind == "upcycle_from":
+        config = dataclasses.replace(config, num_experts=4)
+    training.validate(config)  # training.json alone does not tell
+    with pytest.raises(ConfigError, match=message):
+        finetune.load(config)
 
 
 def test_freeze_a_part_the_model_lacks(tmp_path, lm_trained):

@@ -54,6 +54,19 @@ def test_transformer_defaults_are_the_recipe():
         (["--max-minutes", "-1"], "`max_minutes` must be positive"),
         (["--clip-norm", "-0.5"], "`clip_norm` must be 0 or more"),
         (["--warmup-steps", "-1"], "`warmup_steps` must be 0 or more"),
+        # Adam has no decoupled decay: it would be recorded, not applied.
+        (["--weight-decay", "0.05"], "`weight_decay` needs `optimizer` adamw"),
+        (
+            [
+                "--architecture",
+                "transformer",
+                "--optimizer",
+                "adam",
+                "--weight-decay",
+                "0.1",
+            ],
+            "`weight_decay` needs `optimizer` adamw",
+        ),  # fmt: skip
     ],
 )
 def test_bad_recipe_settings_are_refused(tmp_path, flags, message):
@@ -61,6 +74,17 @@ def test_bad_recipe_settings_are_refused(tmp_path, flags, message):
     with pytest.raises(training.ConfigError, match=message.replace("[", r"\[")
                        .replace(")", r"\)")):  # fmt: skip
         training.validate(config)
+
+
+def test_adam_records_no_weight_decay(tmp_path):
+    # The transformer's default decay is adamw's; with --optimizer adam
+    # none is applied, and training.json must not say otherwise.
+    config = cli.parse_training_args(
+        ["--architecture", "transformer", "--optimizer", "adam",
+         "--output", str(tmp_path / "out")]
+    )  # fmt: skip
+    training.validate(config)  # the decay was not given: accepted
+    assert training.with_defaults(config).weight_decay == 0.0
 
 
 def test_optimizer_options():

@@ -134,24 +134,42 @@ class OutputLock:
             raise BundleError(
                 f"cannot write to {self.target.parent}: {e.strerror}"
             ) from None
-        if fcntl is not None:
-            try:
-                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                file.seek(0)
-                holder = file.read().strip() or "unknown"
-                file.close()
-                raise BundleBusyError(
-                    f"{self.target} is being written by another run (process "
-                    f"{holder}); wait for it to finish or choose another "
-                    "output folder"
-                ) from None
+        self._flock(file)
         file.truncate(0)
         file.write(f"{os.getpid()}\n")
         file.flush()
         self._file = file
         _restore_interrupted_swap(self.target)
         _remove_leftovers(self.target)
+
+    def check_free(self) -> None:
+        """Raises `BundleBusyError` if another process holds the lock.
+
+        Takes nothing and creates nothing: a run checks it before loading
+        TensorFlow, and takes the lock once it trains.
+        """
+        try:
+            file = open(self.path)
+        except OSError:
+            return  # no lock file: nobody holds it (or it cannot be read)
+        with file:
+            self._flock(file)  # raises if held; closing releases it
+
+    def _flock(self, file) -> None:
+        """Locks `file` (non-blocking); closes it and raises if it is held."""
+        if fcntl is None:
+            return
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "unknown"
+            file.close()
+            raise BundleBusyError(
+                f"{self.target} is being written by another run (process "
+                f"{holder}); wait for it to finish or choose another "
+                "output folder"
+            ) from None
 
     def release(self) -> None:
         if self._file is not None:

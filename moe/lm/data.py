@@ -62,12 +62,14 @@ def make_dataset(
     """
     tokens = tf.constant(tokens, tf.int32)
     starts = tf.constant(starts, tf.int32)
-    dataset = tf.data.Dataset.from_tensor_slices(
-        np.asarray(positions, np.int32)
-    )
-    if shuffle_seed is not None:
-        dataset = dataset.shuffle(
-            len(positions), seed=shuffle_seed, reshuffle_each_iteration=True
+    positions = tf.constant(np.asarray(positions, np.int32))
+    if shuffle_seed is None:
+        dataset = tf.data.Dataset.from_tensor_slices(positions)
+    else:
+        dataset = _epoch_seeds(shuffle_seed).flat_map(
+            lambda seed: tf.data.Dataset.from_tensor_slices(
+                tf.random.experimental.stateless_shuffle(positions, seed)
+            )
         )
 
     def to_pairs(batch_positions):
@@ -75,10 +77,29 @@ def make_dataset(
         inputs = contexts(tokens, batch_positions, begins, max_seq_len)
         return inputs, tf.gather(tokens, batch_positions)
 
-    dataset = dataset.batch(batch_size).map(
+    steps = -(-int(positions.shape[0]) // batch_size)
+    dataset = dataset.batch(batch_size)
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(steps))
+    dataset = dataset.map(
         to_pairs, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
     )
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _epoch_seeds(shuffle_seed: int) -> tf.data.Dataset:
+    """One stateless-RNG seed per epoch (per iteration), reproducible.
+
+    A shuffled epoch permutes its positions as one tensor with it:
+    `Dataset.shuffle` over the positions would buffer each as an element
+    of its own, about a hundred bytes per position, memory that grows
+    with the corpus (bench/memory.py).
+    """
+    seeds = tf.data.Dataset.random(
+        seed=shuffle_seed, rerandomize_each_iteration=True
+    ).take(1)
+    return seeds.map(
+        lambda r: tf.stack([r, tf.constant(shuffle_seed, tf.int64)])
+    )
 
 
 def window_ends(positions, starts, window: int, offset):
@@ -155,23 +176,23 @@ def make_window_dataset(
     starts = tf.constant(starts, tf.int32)
     positions = tf.constant(np.asarray(positions, np.int32))
 
-    def epoch_windows(offset):
+    def epoch_windows(offset, seed=None):
         ends, firsts = window_ends(positions, starts, max_seq_len, offset)
+        if seed is not None:  # shuffled as one tensor (`_epoch_seeds`)
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(tf.size(ends)), seed
+            )
+            ends, firsts = tf.gather(ends, order), tf.gather(firsts, order)
         return tf.data.Dataset.from_tensor_slices((ends, firsts))
 
     if shuffle_seed is None:
         offsets = tf.data.Dataset.from_tensors(tf.constant(0, tf.int32))
+        dataset = offsets.flat_map(epoch_windows)
     else:
-        offsets = tf.data.Dataset.random(
-            seed=shuffle_seed, rerandomize_each_iteration=True
-        ).take(1)
-        offsets = offsets.map(lambda r: tf.cast(r % max_seq_len, tf.int32))
-    dataset = offsets.flat_map(epoch_windows)
-    if shuffle_seed is not None:
-        dataset = dataset.shuffle(
-            max(1, len(positions)),
-            seed=shuffle_seed,
-            reshuffle_each_iteration=True,
+        dataset = _epoch_seeds(shuffle_seed).flat_map(
+            lambda seed: epoch_windows(
+                tf.cast(seed[0] % max_seq_len, tf.int32), seed
+            )
         )
 
     def to_windows(ends, firsts):

@@ -152,13 +152,9 @@ def resolve(config: TrainingConfig) -> TrainingConfig:
 
 
 def _check_dense(config, directory: str, settings: dict) -> None:
-    experts = settings.get("num_experts")
-    if experts != 1:
-        raise ConfigError(
-            f"`upcycle_from` needs a dense bundle (trained with "
-            f"`num_experts` 1); {directory} has {experts} experts. Received: "
-            f"upcycle_from={directory!r}"
-        )
+    # What `training.json` says, at once; `load` reads the model itself.
+    if settings.get("num_experts") != 1:
+        _not_dense(directory, settings.get("num_experts"))
     if config.num_experts < 2:
         raise ConfigError(
             "`upcycle_from` makes a Mixture of Experts: `num_experts` must "
@@ -166,15 +162,45 @@ def _check_dense(config, directory: str, settings: dict) -> None:
         )
 
 
+def _not_dense(directory: str, experts) -> None:
+    raise ConfigError(
+        f"`upcycle_from` needs a dense bundle (trained with `num_experts` 1); "
+        f"{directory} has {experts} experts. Received: "
+        f"upcycle_from={directory!r}"
+    )
+
+
 def load(config: TrainingConfig) -> StartingPoint | None:
-    """The bundle `config` starts from, loaded (TensorFlow), or `None`."""
+    """The bundle `config` starts from, loaded (TensorFlow), or `None`.
+
+    Raises:
+        ConfigError: its model is quantized, or, to upcycle, not dense
+            (read from the model, whatever `training.json` says).
+    """
     start = source(config)
     if start is None:
         return None
     name, directory = start
-    return StartingPoint(
-        name, directory, bundle.load_bundle(directory), frozen_parts(config)
-    )
+    loaded = bundle.load_bundle(directory)
+    _check_model(name, directory, loaded.model)
+    return StartingPoint(name, directory, loaded, frozen_parts(config))
+
+
+def _check_model(name: str, directory: str, model) -> None:
+    from moe.lm.explain import experts_of, routed_layers
+    from moe.lm.quantize import is_quantized
+
+    if is_quantized(model):
+        # Its int8 weights are not trainable, and not the float ones.
+        raise ConfigError(
+            f"the model in `{name}` ({directory}) is quantized (saved with "
+            "`quantize`): it serves but does not train; start from the "
+            "float bundle, trained without `quantize`"
+        )
+    if name == "upcycle_from":
+        experts = sorted({experts_of(layer) for layer in routed_layers(model)})
+        if experts != [1]:
+            _not_dense(directory, "/".join(map(str, experts)))
 
 
 def start_from(model, start: StartingPoint | None) -> None:

@@ -34,8 +34,13 @@ OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
 
 
-def check(config) -> list[tuple[str, str]]:
-    """`(field, rule)` for each invalid recipe setting of `config`."""
+def check(config, optimizer: str) -> list[tuple[str, str]]:
+    """`(field, rule)` for each invalid recipe setting of `config`.
+
+    Args:
+        optimizer: the run's optimizer (`config.optimizer` or the
+            architecture's default).
+    """
     problems = []
     for name, choices in (
         ("optimizer", OPTIMIZERS),
@@ -48,6 +53,15 @@ def check(config) -> list[tuple[str, str]]:
         value = getattr(config, name)
         if value is not None and value < 0:
             problems.append((name, "must be 0 or more"))
+    if config.weight_decay and optimizer == "adam":
+        # Adam has no decoupled decay: it would be recorded, not applied.
+        problems.append(
+            (
+                "weight_decay",
+                "needs `optimizer` adamw (Adam has no decoupled weight decay): "
+                "add --optimizer adamw or leave --weight-decay out",
+            )
+        )
     if config.ema is not None and not 0 <= config.ema < 1:
         problems.append(("ema", "must be in [0, 1) (0: no average)"))
     for name in ("max_steps", "max_minutes"):

@@ -34,6 +34,7 @@ import time
 import numpy as np
 
 from moe.lm import architectures, bundle, distribute, finetune, quantize, recipe
+from moe.lm.tokenizer import NUM_RESERVED
 from moe.lm.training_config import (
     ConfigError,
     TrainingConfig,
@@ -43,7 +44,9 @@ from moe.lm.training_config import (
 from moe.lm.training_data import (
     examples_per_epoch,
     load_corpus,
+    load_validation_corpus,  # noqa: F401 (public here)
     make_datasets,
+    out_of_vocabulary,
     prepare_data,
     validation_dataset,
 )
@@ -91,12 +94,36 @@ def check_memory(config: TrainingConfig, vocab_size: int) -> int:
     return needed
 
 
+def check_size(config: TrainingConfig) -> None:
+    """`check_memory` before the corpus is tokenized (no TensorFlow).
+
+    With the smallest vocabulary the settings allow: what the experts and
+    the attention alone need is refused at once; the exact check runs once
+    the vocabulary is known.
+
+    Raises:
+        ConfigError: more than the machine's physical memory.
+    """
+    check_memory(finetune.resolve(config), vocab_size=NUM_RESERVED + 1)
+
+
 def physical_memory() -> int | None:
-    """This machine's physical memory in bytes (`None` if unknown)."""
+    """The memory this process may use, in bytes (`None` if unknown): the
+    machine's physical memory, or its control group's limit if lower."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
         return None
+    for limit in (
+        "/sys/fs/cgroup/memory.max",  # cgroup v2
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",  # v1
+    ):
+        try:
+            with open(limit) as f:
+                memory = min(memory, int(f.read().strip()))
+        except (OSError, ValueError):  # absent, or "max"
+            continue
+    return memory
 
 
 def model_arguments(config: TrainingConfig, vocab_size: int) -> dict:
@@ -164,6 +191,7 @@ def train(
     strategy=None,
     interrupted: threading.Event | None = None,
     texts: list[str] | None = None,
+    held_out: list[str] | None = None,
 ) -> dict:
     """Trains, saves the bundle to `config.output` and returns the summary.
 
@@ -179,6 +207,8 @@ def train(
         interrupted: set (e.g. by a Ctrl-C handler) to stop training before
             the next step and before saving, with `KeyboardInterrupt`.
         texts: the corpus, if already read (`load_corpus(config)`).
+        held_out: the validation corpus, if already read
+            (`load_validation_corpus(config, texts)`).
 
     Raises:
         ConfigError, moe.lm.corpus.CorpusError, moe.lm.bundle.BundleError:
@@ -198,7 +228,7 @@ def train(
         if lock is not None:
             bundle.check_output(config.output)  # again, under the lock
         summary, model, tokenizer, figures = _fit(
-            config, texts, task, verbose, callbacks, strategy,
+            config, texts, held_out, task, verbose, callbacks, strategy,
             interrupted or threading.Event(),
         )  # fmt: skip
         if chief:
@@ -209,7 +239,8 @@ def train(
     return summary
 
 
-def _fit(config, texts, task, verbose, callbacks, strategy, interrupted):
+def _fit(config, texts, held_out, task, verbose, callbacks, strategy,
+         interrupted):  # fmt: skip
     """Trains; returns `(summary, model, tokenizer, figures)`."""
     import keras
 
@@ -226,9 +257,17 @@ def _fit(config, texts, task, verbose, callbacks, strategy, interrupted):
     keras.utils.set_random_seed(config.seed)
     start = finetune.load(config)
     data = prepare_data(
-        config, texts, start.bundle.tokenizer if start else None
+        config, texts, start.bundle.tokenizer if start else None, held_out
     )
     check_memory(config, data.tokenizer.vocab_size)
+    unknown = out_of_vocabulary(data)
+    if start is not None and verbose:
+        print(
+            f"{unknown['train']:.1%} of the words to predict in the new text "
+            f"are outside the vocabulary of {start.directory}: each is the "
+            "out-of-vocabulary token [UNK] (a miss for accuracy, a class "
+            "like any for the loss and perplexity)"
+        )
     train_ds, val_ds = _datasets(config, data, strategy)
     model, trained = _compiled_models(config, data.tokenizer, strategy, start)
     # Per-expert load on a fixed validation sample, on every backend; after
@@ -288,6 +327,7 @@ def _fit(config, texts, task, verbose, callbacks, strategy, interrupted):
         "steps": schedule.steps,
         "stopped_by_budget": schedule.stopped_by_budget,
         "validation": validation,
+        "out_of_vocabulary": unknown,
         **quantized,
         "history": history,
         "expert_load": {"per_epoch": load.history, "final": load.final},

@@ -19,6 +19,8 @@ from moe.lm.quantize import QUANTIZE_MODES
 from moe.lm.tokenizer import check_vocab_size
 
 JIT_COMPILE = ("auto", "on", "off")
+# The held-out fraction of the corpus without `validation_corpus`.
+VALIDATION_SPLIT = 0.1
 # `keras.utils.set_random_seed` takes NumPy's seed range.
 MAX_SEED = 2**32 - 1
 
@@ -143,8 +145,11 @@ class TrainingConfig:
         "peak learning rate (default: 0.003 for pooled, 0.002 for transformer)",
         type=float,
     )
-    validation_split: float = setting(
-        0.1, "held-out fraction at the end of the corpus, in (0, 1)"
+    validation_split: float | None = setting(
+        None,
+        "held-out fraction at the end of the corpus, in (0, 1) (default: "
+        f"{VALIDATION_SPLIT}; not with --validation-corpus)",
+        type=float,
     )
     patience: int = setting(
         3, "epochs without val_loss improvement before stopping"
@@ -268,7 +273,8 @@ def validate(config: TrainingConfig) -> None:
 
     Raises:
         ConfigError: the first invalid setting, naming its flag.
-        moe.lm.bundle.BundleError: `output` may not be written.
+        moe.lm.bundle.BundleError: `output` may not be written, or another
+            run is writing it (`BundleBusyError`).
     """
     from moe.lm import finetune  # it imports this module
 
@@ -303,19 +309,27 @@ def validate(config: TrainingConfig) -> None:
         _fail("num_layers", "must be at least 1", config.num_layers)
     if config.learning_rate is not None and not config.learning_rate > 0:
         _fail("learning_rate", "must be positive", config.learning_rate)
-    if not 0 < config.validation_split < 1:
+    split = config.validation_split
+    if split is not None and not 0 < split < 1:
         _fail("validation_split", "must be between 0 and 1 (exclusive)",
-              config.validation_split)  # fmt: skip
-    for name, rule in recipe.check(config):
+              split)  # fmt: skip
+    if split is not None and config.validation_corpus:
+        _fail("validation_split", "holds out the end of `corpus`; "
+              "`validation_corpus` holds out its files instead: give one "
+              "or the other", split)  # fmt: skip
+    optimizer = config.optimizer or ARCHITECTURES[config.architecture].optimizer
+    for name, rule in recipe.check(config, optimizer):
         _fail(name, rule, getattr(config, name))
     if not 0 <= config.seed <= MAX_SEED:
         _fail("seed", f"must be between 0 and {MAX_SEED}", config.seed)
     try:
-        distribute.check_strategy(config.strategy)
+        task = distribute.check_strategy(config.strategy)
     except distribute.StrategyError as e:
         raise ConfigError(str(e)) from None
     _check_tensorboard(config.tensorboard)
     output = bundle.check_output(config.output)
+    if task is None or task.is_chief:  # only the chief writes
+        bundle.OutputLock(output).check_free()
     for path in (config.corpus or []) + (config.validation_corpus or []):
         if Path(os.path.realpath(path)).is_relative_to(output):
             _fail("corpus", f"must not be inside `output` ({config.output}): "
@@ -347,7 +361,17 @@ def _check_tensorboard(log_dir: str | None) -> None:
 
 
 def with_defaults(config: TrainingConfig) -> TrainingConfig:
-    """`config` with the architecture's defaults for its unset fields."""
+    """`config` with the architecture's defaults for its unset fields.
+
+    Adam has no weight decay: its run records 0 (`validate` refuses a decay
+    given with it). With `validation_corpus`, `validation_split` stays
+    `None` (unused).
+    """
     defaults = dataclasses.asdict(ARCHITECTURES[config.architecture])
     unset = {k: v for k, v in defaults.items() if getattr(config, k) is None}
-    return dataclasses.replace(config, **unset)
+    if config.validation_split is None and not config.validation_corpus:
+        unset["validation_split"] = VALIDATION_SPLIT
+    config = dataclasses.replace(config, **unset)
+    if config.optimizer == "adam":
+        config = dataclasses.replace(config, weight_decay=0.0)
+    return config

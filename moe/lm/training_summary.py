@@ -11,9 +11,15 @@ def summary_line(summary: dict) -> str:
         f"{summary['pairs']['validation']} validation | "
         f"{summary['epochs_run']} epochs in {summary['seconds']:.1f} s | "
         f"val top-1 {val['accuracy']:.3f}, top-5 {val['top5_accuracy']:.3f}, "
-        f"perplexity {val['perplexity']:.1f} | {_quantized_line(summary)}"
-        f"{_saved_where(summary)}"
+        f"perplexity {val['perplexity']:.1f}{_unknown(summary)} | "
+        f"{_quantized_line(summary)}{_saved_where(summary)}"
     )
+
+
+def _unknown(summary: dict) -> str:
+    # The metrics count out-of-vocabulary targets (perplexity as a class).
+    share = summary.get("out_of_vocabulary", {}).get("validation", 0)
+    return f" ({share:.1%} of targets out of vocabulary)" if share else ""
 
 
 def _quantized_line(summary: dict) -> str:
