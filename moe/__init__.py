@@ -21,6 +21,10 @@ _PUBLIC = {
     "routers": "moe.routers",
     "expert_layout_map": "moe.distribution",
     "expert_parallel": "moe.distribution",
+    # Submodules, imported on first use (`moe.convert.from_transformers`);
+    # `moe.keras_hub` needs keras-hub (the `keras-hub` extra).
+    "convert": "moe.convert",
+    "keras_hub": "moe.keras_hub",
 }
 # The registered Keras classes: what `custom_objects` returns.
 _LAYERS = (

@@ -54,3 +54,24 @@ def test_layer_tests_pass_on_backend(backend):
         timeout=900,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+
+
+@pytest.mark.skipif(
+    "jax" not in OTHER_BACKENDS or importlib.util.find_spec("jax") is None,
+    reason="runs from the TensorFlow suite, with JAX installed",
+)
+def test_keras_hub_parity_on_jax():
+    # keras-hub's models are slow to run eagerly on JAX: two families.
+    tests_dir = Path(__file__).parent
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+            "-n", "0", str(tests_dir / "test_keras_hub.py"),
+            "-k", "mixtral or qwen3_moe",
+        ],
+        env=dict(os.environ, KERAS_BACKEND="jax"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]

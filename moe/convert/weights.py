@@ -43,11 +43,11 @@ def _expert_values(experts, reader):
                 reader.read("experts.gate_up_proj", "E2d"), 1, 2
             )
             down = np.swapaxes(reader.read("experts.down_proj", "Edh"), 1, 2)
-        gate, up = _split_gate_up(gate_up, experts.interleaved)
+        gate, up = split_gate_up(gate_up, experts.interleaved)
         if experts.biases:
             gate_up_bias = reader.read("experts.gate_up_proj_bias", "E2")
             biases["expert_gate_bias"], biases["expert_in_bias"] = (
-                _split_gate_up(gate_up_bias, experts.interleaved)
+                split_gate_up(gate_up_bias, experts.interleaved)
             )
             biases["expert_out_bias"] = reader.read(
                 "experts.down_proj_bias", "Ed"
@@ -65,12 +65,19 @@ def _expert_values(experts, reader):
     return values
 
 
-def _split_gate_up(gate_up, interleaved):
-    # `(..., 2h)` -> the gate's and the up projection's `(..., h)`: halves,
-    # or (interleaved) the even and the odd columns.
+def split_gate_up(gate_up, interleaved):
+    """`(..., 2h)` -> the gate's and the up projection's `(..., h)`:
+    halves, or (interleaved) the even and the odd columns."""
     if interleaved:
         return gate_up[..., 0::2], gate_up[..., 1::2]
     return np.split(gate_up, 2, axis=-1)
+
+
+def join_gate_up(gate, up, interleaved):
+    """The inverse of `split_gate_up`."""
+    if interleaved:
+        return np.stack([gate, up], axis=-1).reshape(*gate.shape[:-1], -1)
+    return np.concatenate([gate, up], axis=-1)
 
 
 def assign(layer, values):
