@@ -115,9 +115,15 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def record(path: Path, row: dict) -> None:
-    """Appends one run's line and flushes it to disk at once."""
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    """Appends one run's line and flushes it to disk at once (on a line of
+    its own after a line an interrupted write left unfinished)."""
+    with path.open("a+b") as f:
+        f.seek(0, os.SEEK_END)
+        start = b""
+        if f.tell():
+            f.seek(-1, os.SEEK_END)
+            start = b"" if f.read(1) == b"\n" else b"\n"
+        f.write(start + (json.dumps(row) + "\n").encode())
         f.flush()
         os.fsync(f.fileno())
 
