@@ -1,15 +1,13 @@
 import math
-import random as python_random
 import re
 import warnings
-import zlib
 
 import keras
-import numpy as np
 from keras import ops
 
 from moe import activations, quantization, validation
 from moe import dispatch as dispatch_lib
+from moe.initializers import PerExpertInitializer, base_seed
 from moe.layer_experts import LayerExperts
 
 # The weights of one expert, in the order `expert_fn` takes them (the
@@ -164,7 +162,7 @@ class Experts(keras.layers.Layer):
             "out_bias": (output_dim,),
         }
         # One base seed per initializer, drawn once per build: every weight
-        # and expert derives its own seed from it (`_PerExpertInitializer`).
+        # and expert derives its own seed from it (`moe.initializers`).
         seeds = {
             "kernel": base_seed(self.kernel_initializer, self.seed),
             "bias": base_seed(self.bias_initializer, self.seed),
@@ -188,7 +186,7 @@ class Experts(keras.layers.Layer):
                 quantization.add_int8_kernel(self, name, shape)
                 continue
             kind = "kernel" if part.endswith("kernel") else "bias"
-            initializer = _PerExpertInitializer(
+            initializer = PerExpertInitializer(
                 getattr(self, f"{kind}_initializer"), seeds[kind], stream=name
             )
             variable = self.add_weight(
@@ -427,72 +425,6 @@ def _affine(x, kernel, bias):
     if bias is not None:
         y = y + ops.expand_dims(bias, -2)
     return y
-
-
-class _PerExpertInitializer:
-    """Initialise a stacked `(experts, ...)` weight one expert at a time.
-
-    Keras computes fans from all leading axes of a 3-D shape, which would
-    scale a variance-scaling initializer by the number of experts, so each
-    expert's slice is drawn on its own shape. A random initializer with an
-    integer seed or none (Keras turns `seed=None` into one fixed seed, so
-    calling it again returns the same tensor) is rebuilt for each slice
-    with its own seed, derived from `(base seed, stream, expert)`: experts
-    differ, and so do the weights of one expert (`stream` names the
-    weight). Initializers without a seed (`"zeros"`), with a
-    `keras.random.SeedGenerator` (which advances on each call) or with no
-    config are called as they are.
-    """
-
-    def __init__(self, initializer, base_seed, stream):
-        self.initializer = initializer
-        self.base_seed = base_seed
-        self.stream = stream
-
-    def __call__(self, shape, dtype=None):
-        config = _config_of(self.initializer)
-        seed = None if config is None else config.get("seed", "absent")
-        reseed = seed is None or validation.is_integer(seed)
-        slices = []
-        for e in range(shape[0]):
-            initializer = self.initializer
-            if reseed:
-                initializer = self.initializer.__class__.from_config(
-                    {
-                        **config,
-                        "seed": derived_seed(self.base_seed, self.stream, e),
-                    }
-                )
-            slices.append(initializer(shape[1:], dtype=dtype))
-        return ops.stack(slices)
-
-
-def _config_of(initializer):
-    get_config = getattr(initializer, "get_config", None)
-    if get_config is None or not hasattr(initializer, "from_config"):
-        return None
-    return get_config()
-
-
-def derived_seed(base_seed, stream, index):
-    """A seed in `[0, 2**31)` for item `index` of the named `stream`, mixed
-    from `base_seed` (NumPy's `SeedSequence`: nearby inputs give unrelated
-    seeds)."""
-    entropy = [base_seed, zlib.crc32(stream.encode()), index]
-    return int(np.random.SeedSequence(entropy).generate_state(1)[0] >> 1)
-
-
-def base_seed(initializer, seed):
-    """The seed an expert bank's initialisation derives from: the
-    initializer's own integer seed, else the layer's `seed`, else one drawn
-    from Python's `random` (seeded by `keras.utils.set_random_seed`, as
-    Keras's own default seeds are)."""
-    config = _config_of(initializer) or {}
-    if validation.is_integer(config.get("seed")):
-        return int(config["seed"])
-    if seed is not None:
-        return int(seed)
-    return python_random.randint(1, 10**9)
 
 
 # The `MoELayer` arguments `make_experts` takes (besides `dtype`).

@@ -557,9 +557,10 @@ def sparsify(model, **moe_arguments):
     for owner, attribute, block in found:
         key = _FAMILY_OF[type(block)]
         family = FAMILIES[key]
-        arguments = CONVERT_FAMILIES[family.hf_config(block)["model_type"]]
+        hf_config = family.hf_config(block)
+        convert_family = CONVERT_FAMILIES[hf_config["model_type"]]
         moe_layer = MoELayer(
-            **arguments.arguments(family.hf_config(block)),
+            **convert_family.arguments(hf_config),
             dtype=block.dtype_policy,
             name="moe",
             **moe_arguments,
