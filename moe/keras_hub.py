@@ -38,7 +38,13 @@ except ImportError as error:  # pragma: no cover - the extra is installed
         "`moe.keras_hub` needs keras-hub: pip install 'moe[keras-hub]'"
     ) from error
 
-__all__ = ["sparsify", "unsparsify", "sparse_blocks", "SparseMoEBlock"]
+__all__ = [
+    "sparsify",
+    "unsparsify",
+    "sparse_blocks",
+    "merge_lora",
+    "SparseMoEBlock",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -592,10 +598,19 @@ def unsparsify(model):
     current weights (e.g. after fine-tuning), in place; returns `model`.
 
     The result is a plain keras-hub model (`save_to_preset` and
-    `from_preset` work without this library). Quantized or LoRA-adapted
-    `MoELayer`s must be brought back to float weights first.
+    `from_preset` work without this library). Quantized `MoELayer`s must
+    be brought back to float weights first, and LoRA adapters merged
+    (`merge_lora`).
     """
-    for owner, attribute, sparse in sparse_blocks(model):
+    blocks = sparse_blocks(model)
+    adapted = [s.name for _, _, s in blocks if _has_lora(s.moe)]
+    if adapted:
+        raise ValueError(
+            "keras-hub's blocks hold plain kernels: call "
+            "`moe.keras_hub.merge_lora(model)` first. Received: LoRA "
+            f"adapters in {adapted}"
+        )
+    for owner, attribute, sparse in blocks:
         family = FAMILIES[sparse.family]
         cls = next(c for c, k in _FAMILY_OF.items() if k == sparse.family)
         block = cls.from_config(sparse.dense_config)
@@ -609,6 +624,35 @@ def unsparsify(model):
                 for base in type(layer).__mro__
                 if not issubclass(base, _SparseModel)
             )
+    _forget_traced_functions(model)
+    return model
+
+
+def _has_lora(moe_layer):
+    return any(
+        getattr(part, "lora_enabled", False)
+        for part in (moe_layer.experts, moe_layer.shared_experts)
+    )
+
+
+def merge_lora(model):
+    """Writes the LoRA adapters of every sparse block's experts into their
+    kernels and drops them (`moe.MoELayer.merge_lora`), in place; returns
+    `model`. The outputs are unchanged (to float rounding).
+
+    Raises:
+        ValueError: no sparse block holds adapters.
+    """
+    adapted = [s.moe for _, _, s in sparse_blocks(model) if _has_lora(s.moe)]
+    if not adapted:
+        raise ValueError(
+            "No sparse block of the model holds LoRA adapters to merge "
+            "(`backbone.enable_lora(rank, target_layer_names=['experts'])` "
+            f"adds them). Received: {type(model).__name__} named "
+            f"{model.name!r}"
+        )
+    for moe_layer in adapted:
+        moe_layer.merge_lora()
     _forget_traced_functions(model)
     return model
 

@@ -286,3 +286,61 @@ def test_a_model_without_keras_hub_moe_blocks_is_refused():
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="holds none"):
         moe_keras_hub.sparsify(model)
+
+
+def test_lora_on_the_experts_fine_tunes_merges_and_goes_back(tmp_path):
+    backbone = tiny_backbone("mixtral")
+    causal_lm = keras_hub.models.MixtralCausalLM(backbone, preprocessor=None)
+    moe_keras_hub.sparsify(causal_lm)
+    x = inputs(batch=4, length=6, padded=2)
+    real = x["padding_mask"].astype(bool)
+    before = to_numpy(backbone(x))
+    # keras-hub's own call: every layer frozen, LoRA on the layers named
+    # "experts" (each sparse block's `moe.experts`).
+    backbone.enable_lora(2, target_layer_names=["experts"])
+    np.testing.assert_allclose(to_numpy(backbone(x)), before, atol=1e-6)
+    adapters = [v for v in causal_lm.weights if "lora" in v.path]
+    assert {v.path for v in causal_lm.trainable_weights} == {
+        v.path for v in adapters
+    }
+    # Per expert, A (16, 2) and B (2, 24) for the in and gate kernels,
+    # A (24, 2) and B (2, 16) for the out kernel: 4 * 3 * 80 per layer.
+    trainable = sum(int(np.prod(v.shape)) for v in adapters)
+    assert trainable == COMMON["num_layers"] * 4 * 3 * 80
+    total = sum(int(np.prod(v.shape)) for v in causal_lm.weights)
+    assert trainable < 0.2 * total
+    frozen = {
+        v.path: to_numpy(v) for v in causal_lm.weights if "lora" not in v.path
+    }
+    y = np.roll(x["token_ids"], -1, axis=1)
+    causal_lm.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    causal_lm.fit(x, y, sample_weight=x["padding_mask"], epochs=3, verbose=0)
+    for variable in causal_lm.weights:
+        if variable.path in frozen:
+            np.testing.assert_array_equal(
+                to_numpy(variable), frozen[variable.path]
+            )
+    adapted = to_numpy(backbone(x))
+    assert not np.allclose(adapted[real], before[real], atol=1e-3)
+    with pytest.raises(ValueError, match="merge_lora"):
+        moe_keras_hub.unsparsify(causal_lm)
+    # Saved: the merged kernels; the file loads sparse, without adapters.
+    path = tmp_path / "lora.keras"
+    causal_lm.save(path)
+    loaded = keras.saving.load_model(path)
+    assert not any("lora" in v.path for v in loaded.weights)
+    np.testing.assert_allclose(to_numpy(loaded.backbone(x)), adapted, atol=1e-5)
+    # Merged in place, then back to keras-hub's own blocks.
+    moe_keras_hub.merge_lora(causal_lm)
+    assert not any("lora" in v.path for v in causal_lm.weights)
+    np.testing.assert_allclose(to_numpy(backbone(x)), adapted, atol=1e-5)
+    with pytest.raises(ValueError, match="no LoRA adapters|holds LoRA"):
+        moe_keras_hub.merge_lora(causal_lm)
+    moe_keras_hub.unsparsify(causal_lm)
+    assert type(causal_lm.backbone) is keras_hub.models.MixtralBackbone
+    np.testing.assert_allclose(
+        to_numpy(causal_lm.backbone(x))[real], adapted[real], atol=1e-4
+    )
