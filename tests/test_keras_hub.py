@@ -344,3 +344,88 @@ def test_lora_on_the_experts_fine_tunes_merges_and_goes_back(tmp_path):
     np.testing.assert_allclose(
         to_numpy(causal_lm.backbone(x))[real], adapted[real], atol=1e-4
     )
+
+
+def tiny_tokenizer():
+    """A byte-pair tokenizer of 39 ids, built in memory: the special
+    tokens, single characters and a few merged words."""
+    vocabulary = {"<|im_end|>": 0, "<|endoftext|>": 1}
+    for piece in [*"abcdefghijklmnopqrstuvwxyz.", "Ġ"]:
+        vocabulary[piece] = len(vocabulary)
+    merges = ["t h", "th e", "Ġ the", "Ġ f", "Ġf o", "Ġfo x", "Ġ d", "Ġd o",
+              "Ġdo g"]  # fmt: skip
+    for merge in merges:
+        vocabulary[merge.replace(" ", "")] = len(vocabulary)
+    return keras_hub.models.Qwen3MoeTokenizer(
+        vocabulary=vocabulary, merges=merges
+    )
+
+
+TEXTS = [
+    "the quick fox jumps over the lazy dog.",
+    "the dog sleeps. the fox runs off.",
+    "a fox, a dog",
+]
+
+
+def test_expert_usage_over_a_text_equals_a_per_token_reference(monkeypatch):
+    tokenizer = tiny_tokenizer()
+    assert tokenizer.vocabulary_size() <= COMMON["vocabulary_size"]
+    # The reference: keras-hub's own model, the inputs of each of its MoE
+    # blocks recorded, routed token by token in NumPy (softmax, top 2).
+    block_class = moe_keras_hub._block_class(
+        moe_keras_hub.FAMILIES["qwen3_moe"]
+    )
+    seen = []
+    original_call = block_class.call
+
+    def recording_call(self, hidden_states, *args, **kwargs):
+        seen.append((self, to_numpy(hidden_states)))
+        return original_call(self, hidden_states, *args, **kwargs)
+
+    dense = tiny_backbone("qwen3_moe")
+    monkeypatch.setattr(block_class, "call", recording_call)
+    counts = {}  # (block index, expert) -> {token id: count}
+    for text in TEXTS:
+        ids = np.asarray(tokenizer(text), "int32")
+        seen.clear()
+        dense({"token_ids": ids[None], "padding_mask": np.ones((1, len(ids)))})
+        assert len(seen) == COMMON["num_layers"]
+        for layer, (block, hidden) in enumerate(seen):
+            kernel = to_numpy(block._sparse_feedforward_gate_dense.kernel)
+            for token, h in zip(ids, hidden[0]):
+                logits = h.astype("float64") @ kernel
+                for expert in np.argsort(-logits)[: block.top_k]:
+                    per_token = counts.setdefault((layer, expert), {})
+                    per_token[token] = per_token.get(token, 0) + 1
+    monkeypatch.undo()
+
+    sparse = tiny_backbone("qwen3_moe")
+    causal_lm = keras_hub.models.Qwen3MoeCausalLM(
+        sparse,
+        preprocessor=keras_hub.models.Qwen3MoeCausalLMPreprocessor(tokenizer),
+    )
+    moe_keras_hub.sparsify(causal_lm)
+    usage = moe_keras_hub.expert_usage(causal_lm, TEXTS, top_tokens=3)
+    assert list(usage) == ["transformer_layer_0", "transformer_layer_1"]
+    pairs = sum(len(tokenizer(text)) for text in TEXTS) * 2  # top 2
+    for layer, experts in enumerate(usage.values()):
+        assert [info["expert"] for info in experts] == list(range(8))
+        np.testing.assert_allclose(
+            sum(info["load"] for info in experts), 1.0, rtol=1e-12
+        )
+        for info in experts:
+            want = counts.get((layer, info["expert"]), {})
+            assert info["tokens_taken"] == sum(want.values())
+            assert info["load"] == sum(want.values()) / pairs
+            best = sorted(want.items(), key=lambda item: (-item[1], item[0]))
+            assert info["top_tokens"] == [
+                [tokenizer.detokenize([int(t)]), n, n / sum(want.values())]
+                for t, n in best[:3]
+            ]
+    listed = [len(info["top_tokens"]) for info in usage["transformer_layer_0"]]
+    assert max(listed) == 3
+    with pytest.raises(ValueError, match="pass `tokenizer=`"):
+        moe_keras_hub.expert_usage(sparse, TEXTS)
+    with pytest.raises(ValueError, match="sparsify"):
+        moe_keras_hub.expert_usage(tiny_backbone("mixtral"), TEXTS, tokenizer)
