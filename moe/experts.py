@@ -319,8 +319,8 @@ class Experts(keras.layers.Layer):
         # Under the kernels' own scope, so that the adapters' paths are
         # `.../experts/expert_in_lora_a` (as `moe.distribution` matches).
         with contextlib.ExitStack() as scopes:
-            for name in (self.path or "").split("/")[:-1]:
-                scopes.enter_context(keras.name_scope(name))
+            for scope in (self.path or "").split("/")[:-1]:
+                scopes.enter_context(keras.name_scope(scope))
             for name, (a_name, b_name) in self._lora_names.items():
                 kernel = getattr(self, name)
                 _, d_in, d_out = kernel.shape

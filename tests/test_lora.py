@@ -128,7 +128,7 @@ def test_adapters_shapes_and_what_stays_trainable():
 
 def test_fit_trains_the_adapters_only_and_merge_keeps_the_outputs(tmp_path):
     inputs = keras.Input((4, 6))
-    layer = qwen_like_layer(rank=0)
+    layer = qwen_like_layer("auto", rank=0)  # JAX traces fit
     model = keras.Model(inputs, keras.layers.Dense(3)(layer(inputs)))
     layer.enable_lora(2)
     frozen = {
