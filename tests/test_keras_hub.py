@@ -429,3 +429,51 @@ def test_expert_usage_over_a_text_equals_a_per_token_reference(monkeypatch):
         moe_keras_hub.expert_usage(sparse, TEXTS)
     with pytest.raises(ValueError, match="sparsify"):
         moe_keras_hub.expert_usage(tiny_backbone("mixtral"), TEXTS, tokenizer)
+
+
+def test_gemma4_moe_path_is_an_moe_layer_with_folded_scales():
+    # Not sparsified yet (its router and expert bank are two sublayers of
+    # the decoder block). The maths, at inference, is a plain MoELayer on
+    # the expert bank's input `n(x) * w` (`pre_ffw_norm_moe`): the router
+    # reads `n(x) * d**-0.5 * p`, so its kernel folds to
+    # `diag(d**-0.5 * p / w) @ P`, and the per-expert output scale folds
+    # into each expert's out kernel.
+    gemma4 = pytest.importorskip("keras_hub.src.models.gemma4.gemma4_moe")
+    from keras_hub.src.models.gemma4.gemma4_layers import RMSNormalization
+
+    from moe import MoELayer
+
+    experts, d, hidden, k = 8, 16, 8, 2
+    keras.utils.set_random_seed(0)
+    router = gemma4.Gemma4Router(experts, k, layer_norm_epsilon=1e-6)
+    bank = gemma4.Gemma4MoEBlock(experts, d, hidden)
+    norm = RMSNormalization(epsilon=1e-6)
+    for layer in (router, bank, norm):
+        layer.build((None, d))
+        redraw(layer)
+    rng = np.random.default_rng(2)
+    for scale in (norm.scale, router.per_dim_scale, bank.per_expert_scale):
+        scale.assign(1.0 + 0.2 * rng.normal(size=scale.shape))
+    x = np.random.default_rng(1).normal(size=(12, d)).astype("float32")
+    want = to_numpy(bank(norm(x), router(x)))
+
+    layer = MoELayer(
+        experts,
+        hidden,
+        top_k=k,
+        gated=True,
+        use_bias=False,
+        normalize_top_k=True,
+        activation=lambda t: keras.activations.gelu(t, approximate=True),
+    )
+    layer.build((None, d))
+    w = to_numpy(norm.scale)
+    p = to_numpy(router.per_dim_scale)
+    layer.gating_network.router_kernel.assign(
+        (d**-0.5 * p / w)[:, None] * to_numpy(router.proj.kernel)
+    )
+    layer.experts.expert_gate_kernel.assign(to_numpy(bank.gate_proj))
+    layer.experts.expert_in_kernel.assign(to_numpy(bank.up_proj))
+    scale = to_numpy(bank.per_expert_scale)[:, None, None]
+    layer.experts.expert_out_kernel.assign(to_numpy(bank.down_proj) * scale)
+    np.testing.assert_allclose(to_numpy(layer(norm(x))), want, atol=1e-5)
