@@ -50,6 +50,10 @@ class Experts(keras.layers.Layer):
     `expert_choice`, `dense`), which run each expert only on the inputs
     routed to it.
 
+    `enable_lora(rank)` gives each expert a low-rank adapter per kernel
+    (the kernels frozen, every dispatch layout reading the sum);
+    `merge_lora()` writes them back.
+
     Args:
         num_experts: int >= 1.
         hidden_dim: int >= 1, the hidden width of each expert.
