@@ -10,7 +10,12 @@ is replicated; the compiler (XLA's GSPMD) adds the communication. A second
 mesh axis can split the batch (data parallelism) at the same time.
 
 Shared experts (`num_shared_experts`) run on every input, so they stay
-replicated like the router.
+replicated like the router. LoRA adapters of the experts
+(`Experts.enable_lora`: `expert_in_lora_a` `(num_experts, d, rank)`, ...)
+are split with their experts. The same map covers keras-hub models made
+sparse by `moe.keras_hub.sparsify`, whose experts are `MoELayer` variables
+(`transformer_layer_0/<block>/moe/experts/expert_in_kernel`): build and
+sparsify them under the distribution's scope.
 
 `keras.distribution` runs on the JAX backend only (Keras 3.15: the
 TensorFlow module is an unfinished prototype and PyTorch has none); on
@@ -20,17 +25,17 @@ TensorFlow, `model.py --strategy` (`tf.distribute`) gives data parallelism.
 import keras
 
 # `LayoutMap` keys are regular expressions that must match a variable's
-# whole path, e.g. "moe/expert_in_kernel" or "block_0/moe/expert_out_bias"
-# (not "moe/shared_expert_in_kernel").
-EXPERT_KERNEL_PATH = r"(?:.*/)?expert_(?:in|gate|out)_kernel"
+# whole path, e.g. "moe/expert_in_kernel", "block_0/moe/expert_out_bias" or
+# "moe/experts/expert_in_lora_a" (not "moe/shared_expert_in_kernel").
+EXPERT_KERNEL_PATH = r"(?:.*/)?expert_(?:in|gate|out)_(?:kernel|lora_[ab])"
 EXPERT_BIAS_PATH = r"(?:.*/)?expert_(?:in|gate|out)_bias"
 
 
 def expert_layout_map(device_mesh, expert_axis="experts"):
     """A `LayoutMap` sharding every `MoELayer`'s routed experts.
 
-    Kernels `(num_experts, d, hidden)` get the layout
-    `(expert_axis, None, None)` and biases `(num_experts, hidden)`
+    Kernels `(num_experts, d, hidden)` and their LoRA adapters get the
+    layout `(expert_axis, None, None)` and biases `(num_experts, hidden)`
     `(expert_axis, None)`; other variables have no entry (replicated). Add
     entries of your own to the returned map as usual.
 

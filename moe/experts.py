@@ -1,3 +1,4 @@
+import contextlib
 import math
 import re
 import warnings
@@ -48,6 +49,10 @@ class Experts(keras.layers.Layer):
     `MoELayer` instead calls its dispatch methods (`token_choice`, `soft`,
     `expert_choice`, `dense`), which run each expert only on the inputs
     routed to it.
+
+    `enable_lora(rank)` gives each expert a low-rank adapter per kernel
+    (the kernels frozen, every dispatch layout reading the sum);
+    `merge_lora()` writes them back.
 
     Args:
         num_experts: int >= 1.
@@ -143,6 +148,11 @@ class Experts(keras.layers.Layer):
         # Set by `MoELayer` when it loaded these weights from a file written
         # before the experts were a sublayer (they were its own variables).
         self._loaded_by_parent = False
+        # Set by `enable_lora` (not constructor arguments: a saved file
+        # holds the merged kernels and loads without adapters).
+        self.lora_enabled = False
+        self.lora_rank = None
+        self.lora_alpha = None
 
     def build(self, input_shape):
         input_dim = input_shape[-1]
@@ -222,8 +232,137 @@ class Experts(keras.layers.Layer):
     @property
     def stacked_weights(self):
         """The stacked variables, experts axis first, in `expert_fn`'s
-        order (when quantized, each kernel followed by its scales)."""
-        return [getattr(self, name) for name in self.variable_names()]
+        order (when quantized, each kernel followed by its scales); with
+        LoRA, each kernel plus its adapters' product (`enable_lora`)."""
+        return [
+            self._lora_kernel(name) if name in self._lora_names else
+            getattr(self, name)
+            for name in self.variable_names()
+        ]  # fmt: skip
+
+    @property
+    def _lora_names(self):
+        # {kernel name: (A name, B name)}: "expert_in_kernel" has the
+        # adapters "expert_in_lora_a" and "expert_in_lora_b".
+        if not self.lora_enabled:
+            return {}
+        return {
+            f"{self.weight_prefix}_{part}": tuple(
+                f"{self.weight_prefix}_{part[: -len('kernel')]}lora_{ab}"
+                for ab in "ab"
+            )
+            for part in self._parts()
+            if part.endswith("kernel")
+        }
+
+    def _lora_kernel(self, name):
+        # kernel + (alpha / rank) * A @ B, one product per expert:
+        # (E, d_in, r) @ (E, r, d_out) -> (E, d_in, d_out).
+        a_name, b_name = self._lora_names[name]
+        delta = ops.matmul(getattr(self, a_name), getattr(self, b_name))
+        return ops.add(
+            getattr(self, name), (self.lora_alpha / self.lora_rank) * delta
+        )
+
+    def enable_lora(
+        self,
+        rank,
+        lora_alpha=None,
+        a_initializer="he_uniform",
+        b_initializer="zeros",
+    ):
+        """Adds a low-rank adapter to each expert's kernels and freezes them.
+
+        As `keras.layers.Dense.enable_lora`, for every expert: each stacked
+        kernel `(num_experts, d_in, d_out)` gets `<prefix>_<part>_lora_a`
+        `(num_experts, d_in, rank)` and `<prefix>_<part>_lora_b`
+        `(num_experts, rank, d_out)` (float32), and every dispatch layout
+        reads `kernel + (lora_alpha / rank) * lora_a @ lora_b` per expert.
+        The kernels stop being trainable (the biases stay trainable, as
+        Dense's does); B starts at zero, so the outputs are unchanged until
+        training moves it. Saving writes the merged kernels (the file
+        loads as plain experts); `merge_lora()` merges in place.
+
+        Args:
+            rank: int >= 1, the adapters' rank.
+            lora_alpha: float > 0 or `None` (`rank`); the adapters'
+                product is scaled by `lora_alpha / rank`.
+            a_initializer: drawn per expert, as the kernels are. Defaults
+                to `"he_uniform"`.
+            b_initializer: Defaults to `"zeros"`.
+        """
+        validation.integer("rank", rank)
+        if lora_alpha is not None:
+            validation.number(
+                "lora_alpha", lora_alpha, minimum=0, min_open=True
+            )
+        if not self.built:
+            raise ValueError(
+                "LoRA adapts built experts: build or call the layer first. "
+                f"Received: built=False for {self.name!r}"
+            )
+        if self.lora_enabled:
+            raise ValueError(
+                f"LoRA is already enabled on {self.name!r}; call "
+                "`merge_lora()` first to start again. Received: "
+                f"rank={rank} with lora_rank={self.lora_rank}"
+            )
+        if self.quantization_mode:
+            raise ValueError(
+                f"LoRA adapts float kernels, and {self.name!r} is quantized; "
+                "enable LoRA before quantizing. Received: "
+                f"quantization_mode={self.quantization_mode!r}"
+            )
+        self.lora_enabled = True
+        self.lora_rank = rank
+        self.lora_alpha = rank if lora_alpha is None else lora_alpha
+        a_initializer = keras.initializers.get(a_initializer)
+        b_initializer = keras.initializers.get(b_initializer)
+        seed = base_seed(a_initializer, self.seed)
+        self._tracker.unlock()
+        # Under the kernels' own scope, so that the adapters' paths are
+        # `.../experts/expert_in_lora_a` (as `moe.distribution` matches).
+        with contextlib.ExitStack() as scopes:
+            for scope in (self.path or "").split("/")[:-1]:
+                scopes.enter_context(keras.name_scope(scope))
+            for name, (a_name, b_name) in self._lora_names.items():
+                kernel = getattr(self, name)
+                _, d_in, d_out = kernel.shape
+                for ab_name, shape, initializer in (
+                    (a_name, (d_in, rank), a_initializer),
+                    (b_name, (rank, d_out), b_initializer),
+                ):
+                    variable = self.add_weight(
+                        name=ab_name,
+                        shape=(self.num_experts,) + shape,
+                        initializer=PerExpertInitializer(
+                            initializer, seed, stream=ab_name
+                        ),
+                        dtype="float32",
+                    )
+                    setattr(self, ab_name, variable)
+                kernel.trainable = False
+        self._tracker.lock()
+
+    def merge_lora(self):
+        """Writes the adapters into the kernels and drops them; the kernels
+        are trainable again. The outputs are unchanged (to float
+        rounding)."""
+        if not self.lora_enabled:
+            raise ValueError(
+                f"{self.name!r} has no LoRA adapters to merge; "
+                "`enable_lora(rank)` adds them. Received: lora_enabled=False"
+            )
+        names = self._lora_names
+        for name, adapters in names.items():
+            kernel = getattr(self, name)
+            kernel.assign(ops.cast(self._lora_kernel(name), kernel.dtype))
+            kernel.trainable = True
+            for adapter in adapters:
+                delattr(self, adapter)
+        self.lora_enabled = False
+        self.lora_rank = None
+        self.lora_alpha = None
 
     def expert_fn(self, x, *params, affine=None):
         """Experts on `x` `(..., n, d)` with params stacked on the same
@@ -329,24 +468,41 @@ class Experts(keras.layers.Layer):
     def quantize(self, mode=None, type_check=True, config=None):
         """Quantizes the stacked kernels in place to int8, per expert and
         output channel; the biases stay float (`moe.quantization`)."""
+        if self.lora_enabled:
+            raise ValueError(
+                f"{self.name!r} has LoRA adapters: call `merge_lora()` "
+                f"before quantizing. Received: mode={mode!r}"
+            )
         quantization.quantize_experts(self, mode, config)
 
     def save_own_variables(self, store):
         # By name: a quantized layer's variables were not all created in
         # `build`, so their tracking order differs from a rebuilt one's.
+        # With LoRA, each kernel merged with its adapters (as Dense does):
+        # the file holds plain experts.
         if not self.built:
             return
         for i, name in enumerate(self.variable_names(kernels_first=True)):
-            store[str(i)] = getattr(self, name)
+            if name in self._lora_names:
+                kernel = getattr(self, name)
+                store[str(i)] = ops.cast(self._lora_kernel(name), kernel.dtype)
+            else:
+                store[str(i)] = getattr(self, name)
 
     def load_own_variables(self, store):
         if self._loaded_by_parent and not len(store.keys()):
             return
-        self._check_load_own_variables(store)
+        if not self.lora_enabled:
+            self._check_load_own_variables(store)
         if not self.built:
             return
         for i, name in enumerate(self.variable_names(kernels_first=True)):
             getattr(self, name).assign(store[str(i)])
+        # The file's kernels are merged: the adapters start again from a
+        # zero product (B), keeping A.
+        for _, b_name in self._lora_names.values():
+            b = getattr(self, b_name)
+            b.assign(ops.zeros(b.shape, b.dtype))
 
     def compute_output_shape(self, input_shape):
         output_dim = self.output_dim or input_shape[-1]

@@ -19,6 +19,7 @@ imports it. Import this module before `keras.saving.load_model` reads a
 sparsified model, so that its classes are registered.
 """
 
+import contextlib
 import dataclasses
 import importlib
 import inspect
@@ -27,6 +28,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from moe import validation
 from moe.convert import FAMILIES as CONVERT_FAMILIES
 from moe.convert.weights import join_gate_up, split_gate_up
 from moe.moe_layer import MoELayer
@@ -38,7 +40,14 @@ except ImportError as error:  # pragma: no cover - the extra is installed
         "`moe.keras_hub` needs keras-hub: pip install 'moe[keras-hub]'"
     ) from error
 
-__all__ = ["sparsify", "unsparsify", "sparse_blocks", "SparseMoEBlock"]
+__all__ = [
+    "sparsify",
+    "unsparsify",
+    "sparse_blocks",
+    "merge_lora",
+    "expert_usage",
+    "SparseMoEBlock",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,6 +342,9 @@ class SparseMoEBlock(keras.layers.Layer):
         self.family = family
         self.dense_config = dense_config
         self.return_router_logits = return_router_logits
+        # A callable while `expert_usage` records where the inputs go (not
+        # a list: Keras would track a copy).
+        self._route_recorder = None
 
     def build(self, input_shape):
         if not self.moe.built:
@@ -347,6 +359,8 @@ class SparseMoEBlock(keras.layers.Layer):
         if self.return_router_logits:
             tokens = ops.reshape(hidden_states, (-1, hidden_states.shape[-1]))
             logits = self.moe.gating_network(tokens)
+        if self._route_recorder is not None:  # `expert_usage`, eager
+            self._route_recorder(self.moe.route(hidden_states))
         return outputs, logits
 
     def compute_output_shape(self, input_shape):
@@ -592,10 +606,19 @@ def unsparsify(model):
     current weights (e.g. after fine-tuning), in place; returns `model`.
 
     The result is a plain keras-hub model (`save_to_preset` and
-    `from_preset` work without this library). Quantized or LoRA-adapted
-    `MoELayer`s must be brought back to float weights first.
+    `from_preset` work without this library). Quantized `MoELayer`s must
+    be brought back to float weights first, and LoRA adapters merged
+    (`merge_lora`).
     """
-    for owner, attribute, sparse in sparse_blocks(model):
+    blocks = sparse_blocks(model)
+    adapted = [s.name for _, _, s in blocks if _has_lora(s.moe)]
+    if adapted:
+        raise ValueError(
+            "keras-hub's blocks hold plain kernels: call "
+            "`moe.keras_hub.merge_lora(model)` first. Received: LoRA "
+            f"adapters in {adapted}"
+        )
+    for owner, attribute, sparse in blocks:
         family = FAMILIES[sparse.family]
         cls = next(c for c, k in _FAMILY_OF.items() if k == sparse.family)
         block = cls.from_config(sparse.dense_config)
@@ -611,6 +634,168 @@ def unsparsify(model):
             )
     _forget_traced_functions(model)
     return model
+
+
+def _has_lora(moe_layer):
+    return any(
+        getattr(part, "lora_enabled", False)
+        for part in (moe_layer.experts, moe_layer.shared_experts)
+    )
+
+
+def merge_lora(model):
+    """Writes the LoRA adapters of every sparse block's experts into their
+    kernels and drops them (`moe.MoELayer.merge_lora`), in place; returns
+    `model`. The outputs are unchanged (to float rounding).
+
+    Raises:
+        ValueError: no sparse block holds adapters.
+    """
+    adapted = [s.moe for _, _, s in sparse_blocks(model) if _has_lora(s.moe)]
+    if not adapted:
+        raise ValueError(
+            "No sparse block of the model holds LoRA adapters to merge "
+            "(`backbone.enable_lora(rank, target_layer_names=['experts'])` "
+            f"adds them). Received: {type(model).__name__} named "
+            f"{model.name!r}"
+        )
+    for moe_layer in adapted:
+        moe_layer.merge_lora()
+    _forget_traced_functions(model)
+    return model
+
+
+# --- Expert usage over a text -------------------------------------------------
+
+
+def expert_usage(model, texts, tokenizer=None, top_tokens=10):
+    """Where the tokens of `texts` go: each expert's load and the tokens it
+    takes most, per sparse block.
+
+    Each text is tokenized as the causal LM's preprocessor does (its start
+    token first when it adds one), run once through the backbone, and each
+    sparse block's inputs are routed by its `MoELayer.route` (the router's
+    own inference decision); every kept (token, expert) pair is counted.
+
+    Args:
+        model: a sparsified keras-hub causal LM, or a backbone (then pass
+            `tokenizer`).
+        texts: a string or a list of strings.
+        tokenizer: a keras-hub tokenizer. Defaults to the causal LM's
+            preprocessor's.
+        top_tokens: int >= 1, the tokens listed per expert. Defaults to 10.
+
+    Returns:
+        `{block: [{"expert", "tokens_taken", "load", "top_tokens": [[token,
+        count, share], ...]}, ...]}`, one list per sparse block, named by
+        the layer that holds it (`"transformer_layer_0"`); `load` is the
+        expert's share of the block's (token, expert) pairs (the loads of
+        a block sum to 1), `top_tokens` the decoded tokens it took most
+        (ties: lower id first), each with its count and share of the
+        expert's tokens.
+
+    Raises:
+        ValueError: no tokenizer, a model without sparse blocks, or texts
+            that hold no token.
+    """
+    validation.integer("top_tokens", top_tokens)
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    preprocessor = getattr(model, "preprocessor", None)
+    tokenizer = tokenizer or getattr(preprocessor, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError(
+            "`expert_usage` tokenizes the texts: pass `tokenizer=` (the "
+            "model has no preprocessor). Received: tokenizer=None"
+        )
+    backbone = getattr(model, "backbone", model)
+    blocks = sparse_blocks(backbone)
+    if not blocks:
+        raise ValueError(
+            "`expert_usage` reads the routing of sparse blocks: call "
+            "`moe.keras_hub.sparsify(model)` first. Received: "
+            f"{type(model).__name__} named {model.name!r}"
+        )
+    start = None
+    if getattr(preprocessor, "add_start_token", False):
+        start = getattr(tokenizer, "start_token_id", None)
+    pairs = {owner.name: [] for owner, _, _ in blocks}  # (expert, token)
+    for text in texts:
+        ids = np.asarray(ops.convert_to_numpy(tokenizer(text)), "int32")
+        ids = ids.reshape(-1)
+        if start is not None:
+            ids = np.concatenate([[start], ids]).astype("int32")
+        if not len(ids):
+            continue
+        x = {"token_ids": ids[None], "padding_mask": np.ones_like(ids)[None]}
+        with _recording_routes(blocks) as routes:
+            backbone(x, training=False)
+        for name, (route,) in routes.items():
+            kept = ops.convert_to_numpy(route["kept"])  # (1, n, k)
+            experts = ops.convert_to_numpy(route["expert_indices"])[kept]
+            tokens = np.broadcast_to(ids[None, :, None], kept.shape)[kept]
+            pairs[name].append(np.stack([experts, tokens], axis=1))
+    if not any(pairs.values()):
+        raise ValueError(
+            f"The texts hold no token to route. Received: {len(texts)} texts"
+        )
+    return {
+        owner.name: _usage_summary(
+            np.concatenate(pairs[owner.name]),
+            block.moe.num_experts,
+            tokenizer,
+            top_tokens,
+        )
+        for owner, _, block in blocks
+    }
+
+
+@contextlib.contextmanager
+def _recording_routes(blocks):
+    """`{owner name: [route]}`: what each block's `MoELayer.route` says of
+    its inputs while the model runs (eagerly) inside the context."""
+    routes = {}
+    try:
+        for owner, _, block in blocks:
+            block._route_recorder = routes.setdefault(owner.name, []).append
+        yield routes
+    finally:
+        for _, _, block in blocks:
+            block._route_recorder = None
+
+
+def _usage_summary(pairs, num_experts, tokenizer, top_tokens):
+    # pairs: (P, 2) int, each kept (expert, token id) pair.
+    summary = []
+    for expert in range(num_experts):
+        tokens = pairs[pairs[:, 0] == expert, 1]
+        ids, counts = np.unique(tokens, return_counts=True)  # ids ascending
+        best = np.argsort(-counts, kind="stable")[:top_tokens]
+        summary.append(
+            {
+                "expert": expert,
+                "tokens_taken": len(tokens),
+                "load": len(tokens) / len(pairs),
+                "top_tokens": [
+                    [
+                        _decode(tokenizer, ids[i]),
+                        int(counts[i]),
+                        float(counts[i] / len(tokens)),
+                    ]
+                    for i in best
+                ],
+            }
+        )
+    return summary
+
+
+def _decode(tokenizer, token_id):
+    text = tokenizer.detokenize([int(token_id)])
+    text = ops.convert_to_numpy(text) if not isinstance(text, str) else text
+    if isinstance(text, np.ndarray):
+        text = text.item()
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    return str(text)
 
 
 def _register_known_models():

@@ -4,7 +4,12 @@ from keras import ops
 from moe import activations, quantization, routers, validation
 from moe import telemetry as telemetry_lib
 from moe.dispatch import DISPATCH_MODES
-from moe.experts import EXPERT_ARGUMENTS, check_output_width, make_experts
+from moe.experts import (
+    EXPERT_ARGUMENTS,
+    Experts,
+    check_output_width,
+    make_experts,
+)
 from moe.layer_compat import MoELayerCompat
 
 # Arguments renamed since earlier versions: old name -> new name (configs
@@ -260,6 +265,56 @@ class MoELayer(MoELayerCompat, keras.layers.Layer):
             name: ops.reshape(value, batch_shape + (ops.shape(value)[-1],))
             for name, value in zip(names, values)
         }
+
+    def enable_lora(
+        self,
+        rank,
+        lora_alpha=None,
+        a_initializer="he_uniform",
+        b_initializer="zeros",
+        train_router=False,
+    ):
+        """LoRA on every expert: `moe.Experts.enable_lora` on the routed
+        experts and the shared ones, whose kernels are then frozen.
+
+        Args:
+            rank, lora_alpha, a_initializer, b_initializer: as
+                `moe.Experts.enable_lora`.
+            train_router: bool; `False` freezes the router (and the shared
+                experts' gate) too, so that the adapters (and the experts'
+                biases) are all that trains. Defaults to `False`.
+        """
+        validation.boolean("train_router", train_router)
+        if not isinstance(self.experts, Experts):
+            raise ValueError(
+                "LoRA adapts stacked `Experts`; this layer's experts are "
+                "Keras layers of their own (call `enable_lora` on each). "
+                f"Received: experts={type(self.experts).__name__}"
+            )
+        for part in (self.experts, self.shared_experts):
+            if part is not None:
+                part.enable_lora(rank, lora_alpha, a_initializer, b_initializer)
+        if not train_router:
+            self.router.trainable = False
+            if self.shared_expert_gate:
+                self.shared_gate_kernel.trainable = False
+
+    def merge_lora(self):
+        """`moe.Experts.merge_lora` on the experts holding adapters: the
+        adapters are written into the kernels and dropped; the kernels are
+        trainable again (the router keeps its `trainable`)."""
+        parts = [
+            part
+            for part in (self.experts, self.shared_experts)
+            if getattr(part, "lora_enabled", False)
+        ]
+        if not parts:
+            raise ValueError(
+                f"{self.name!r} has no LoRA adapters to merge; "
+                "`enable_lora(rank)` adds them. Received: lora_enabled=False"
+            )
+        for part in parts:
+            part.merge_lora()
 
     def _flatten(self, inputs, mask):
         # (batch, [seq,] d) -> tokens (T, d) and a bool token mask (T,).

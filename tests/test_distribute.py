@@ -462,6 +462,76 @@ def test_expert_parallel_shards_experts_and_matches_one_device(tmp_path):
     )
 
 
+KERAS_HUB_EXPERT_PARALLEL_SCRIPT = """
+import json, sys
+sys.path.insert(0, "tests")
+import jax, keras, numpy as np
+import moe.keras_hub
+from moe.distribution import expert_parallel
+from test_keras_hub import inputs, tiny_backbone
+
+assert len(jax.devices()) == 4, jax.devices()
+x = inputs(batch=2, length=7, padded=0)
+
+
+def sparse_qwen_moe():
+    backbone = tiny_backbone("qwen_moe")  # 8 experts, a gated shared one
+    return moe.keras_hub.sparsify(backbone)
+
+
+distribution = expert_parallel(expert_shards=4)  # mesh (batch 1, experts 4)
+with distribution.scope():
+    sharded = sparse_qwen_moe()
+    out = np.asarray(sharded(x))
+    predicted = sharded.predict(x, batch_size=2, verbose=0)  # traced
+    sharded.enable_lora(2, target_layer_names=["experts"])
+    shardings = {
+        v.path: list(v.value.sharding.spec) for v in sharded.weights
+    }
+    split = {
+        v.path: len({s.device for s in v.value.addressable_shards
+                     if s.data.shape[0] < v.shape[0]})
+        for v in sharded.weights
+    }
+reference = np.asarray(sparse_qwen_moe()(x))  # unsharded, same weights
+print(json.dumps({
+    "shardings": shardings, "split": split,
+    "out": float(np.abs(out - reference).max()),
+    "predicted": float(np.abs(predicted - reference).max()),
+}))
+"""
+
+
+def test_expert_parallel_shards_a_sparsified_keras_hub_model():
+    pytest.importorskip("keras_hub")
+    result = subprocess.run(
+        [sys.executable, "-c", KERAS_HUB_EXPERT_PARALLEL_SCRIPT],
+        cwd=REPO_ROOT, env=_jax_env(4), capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["out"] < 1e-5 and out["predicted"] < 1e-5
+    routed = [
+        path
+        for path in out["shardings"]
+        if re.fullmatch(r".*/moe/experts/expert_\w+", path)
+    ]
+    # Two blocks: three kernels, each with two LoRA adapters.
+    assert len(routed) == 2 * 3 * 3, routed
+    assert any("lora_a" in path for path in routed)
+    for path in routed:
+        spec = out["shardings"][path]
+        assert spec[0] == "experts" and set(spec[1:]) <= {None}, path
+        assert out["split"][path] == 4, path  # 2 of the 8 experts each
+    replicated = set(out["shardings"]) - set(routed)
+    assert any("shared_expert_in_kernel" in p for p in replicated)
+    assert any("router_kernel" in p for p in replicated)
+    for path in replicated:
+        assert set(out["shardings"][path]) <= {None}, path
+        assert out["split"][path] == 0, path
+
+
 def test_expert_parallel_needs_jax():
     from moe.distribution import expert_parallel
 
@@ -477,13 +547,20 @@ def test_expert_layout_map_patterns():
         "moe/experts/expert_in_kernel",
         "moe/experts/expert_gate_kernel",
         "block_1/moe/experts/expert_out_kernel",
+        "transformer_layer_0/qwen_sparse_moe_block/moe/experts/"
+        "expert_in_kernel",
     ):
         assert re.fullmatch(EXPERT_KERNEL_PATH, path)
         assert re.fullmatch(EXPERT_BIAS_PATH, path.replace("kernel", "bias"))
+        for adapter in ("lora_a", "lora_b"):
+            assert re.fullmatch(
+                EXPERT_KERNEL_PATH, path.replace("kernel", adapter)
+            )
     for path in (
         "moe/shared_experts/shared_expert_in_kernel",
         "moe/router/gating_network/router_kernel",
         "adam/moe_expert_in_kernel_momentum",
         "moe/expert_in_kernel_extra",
+        "moe/shared_experts/shared_expert_in_lora_a",
     ):
         assert not re.fullmatch(EXPERT_KERNEL_PATH, path)

@@ -286,3 +286,194 @@ def test_a_model_without_keras_hub_moe_blocks_is_refused():
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="holds none"):
         moe_keras_hub.sparsify(model)
+
+
+def test_lora_on_the_experts_fine_tunes_merges_and_goes_back(tmp_path):
+    backbone = tiny_backbone("mixtral")
+    causal_lm = keras_hub.models.MixtralCausalLM(backbone, preprocessor=None)
+    moe_keras_hub.sparsify(causal_lm)
+    x = inputs(batch=4, length=6, padded=2)
+    real = x["padding_mask"].astype(bool)
+    before = to_numpy(backbone(x))
+    # keras-hub's own call: every layer frozen, LoRA on the layers named
+    # "experts" (each sparse block's `moe.experts`).
+    backbone.enable_lora(2, target_layer_names=["experts"])
+    np.testing.assert_allclose(to_numpy(backbone(x)), before, atol=1e-6)
+    adapters = [v for v in causal_lm.weights if "lora" in v.path]
+    assert {v.path for v in causal_lm.trainable_weights} == {
+        v.path for v in adapters
+    }
+    # Per expert, A (16, 2) and B (2, 24) for the in and gate kernels,
+    # A (24, 2) and B (2, 16) for the out kernel: 4 * 3 * 80 per layer.
+    trainable = sum(int(np.prod(v.shape)) for v in adapters)
+    assert trainable == COMMON["num_layers"] * 4 * 3 * 80
+    total = sum(int(np.prod(v.shape)) for v in causal_lm.weights)
+    assert trainable < 0.2 * total
+    frozen = {
+        v.path: to_numpy(v) for v in causal_lm.weights if "lora" not in v.path
+    }
+    y = np.roll(x["token_ids"], -1, axis=1)
+    causal_lm.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    causal_lm.fit(x, y, sample_weight=x["padding_mask"], epochs=3, verbose=0)
+    for variable in causal_lm.weights:
+        if variable.path in frozen:
+            np.testing.assert_array_equal(
+                to_numpy(variable), frozen[variable.path]
+            )
+    adapted = to_numpy(backbone(x))
+    assert not np.allclose(adapted[real], before[real], atol=1e-3)
+    with pytest.raises(ValueError, match="merge_lora"):
+        moe_keras_hub.unsparsify(causal_lm)
+    # Saved: the merged kernels; the file loads sparse, without adapters.
+    path = tmp_path / "lora.keras"
+    causal_lm.save(path)
+    loaded = keras.saving.load_model(path)
+    assert not any("lora" in v.path for v in loaded.weights)
+    np.testing.assert_allclose(to_numpy(loaded.backbone(x)), adapted, atol=1e-5)
+    # Merged in place, then back to keras-hub's own blocks.
+    moe_keras_hub.merge_lora(causal_lm)
+    assert not any("lora" in v.path for v in causal_lm.weights)
+    np.testing.assert_allclose(to_numpy(backbone(x)), adapted, atol=1e-5)
+    with pytest.raises(ValueError, match="no LoRA adapters|holds LoRA"):
+        moe_keras_hub.merge_lora(causal_lm)
+    moe_keras_hub.unsparsify(causal_lm)
+    assert type(causal_lm.backbone) is keras_hub.models.MixtralBackbone
+    np.testing.assert_allclose(
+        to_numpy(causal_lm.backbone(x))[real], adapted[real], atol=1e-4
+    )
+
+
+def tiny_tokenizer():
+    """A byte-pair tokenizer of 39 ids, built in memory: the special
+    tokens, single characters and a few merged words."""
+    vocabulary = {"<|im_end|>": 0, "<|endoftext|>": 1}
+    for piece in [*"abcdefghijklmnopqrstuvwxyz.", "Ġ"]:
+        vocabulary[piece] = len(vocabulary)
+    merges = ["t h", "th e", "Ġ the", "Ġ f", "Ġf o", "Ġfo x", "Ġ d", "Ġd o",
+              "Ġdo g"]  # fmt: skip
+    for merge in merges:
+        vocabulary[merge.replace(" ", "")] = len(vocabulary)
+    return keras_hub.models.Qwen3MoeTokenizer(
+        vocabulary=vocabulary, merges=merges
+    )
+
+
+TEXTS = [
+    "the quick fox jumps over the lazy dog.",
+    "the dog sleeps. the fox runs off.",
+    "a fox, a dog",
+]
+
+
+def test_expert_usage_over_a_text_equals_a_per_token_reference(monkeypatch):
+    tokenizer = tiny_tokenizer()
+    assert tokenizer.vocabulary_size() <= COMMON["vocabulary_size"]
+    # The reference: keras-hub's own model, the inputs of each of its MoE
+    # blocks recorded, routed token by token in NumPy (softmax, top 2).
+    block_class = moe_keras_hub._block_class(
+        moe_keras_hub.FAMILIES["qwen3_moe"]
+    )
+    seen = []
+    original_call = block_class.call
+
+    def recording_call(self, hidden_states, *args, **kwargs):
+        seen.append((self, to_numpy(hidden_states)))
+        return original_call(self, hidden_states, *args, **kwargs)
+
+    dense = tiny_backbone("qwen3_moe")
+    monkeypatch.setattr(block_class, "call", recording_call)
+    counts = {}  # (block index, expert) -> {token id: count}
+    for text in TEXTS:
+        ids = np.asarray(tokenizer(text), "int32")
+        seen.clear()
+        dense({"token_ids": ids[None], "padding_mask": np.ones((1, len(ids)))})
+        assert len(seen) == COMMON["num_layers"]
+        for layer, (block, hidden) in enumerate(seen):
+            kernel = to_numpy(block._sparse_feedforward_gate_dense.kernel)
+            for token, h in zip(ids, hidden[0]):
+                logits = h.astype("float64") @ kernel
+                for expert in np.argsort(-logits)[: block.top_k]:
+                    per_token = counts.setdefault((layer, expert), {})
+                    per_token[token] = per_token.get(token, 0) + 1
+    monkeypatch.undo()
+
+    sparse = tiny_backbone("qwen3_moe")
+    causal_lm = keras_hub.models.Qwen3MoeCausalLM(
+        sparse,
+        preprocessor=keras_hub.models.Qwen3MoeCausalLMPreprocessor(tokenizer),
+    )
+    moe_keras_hub.sparsify(causal_lm)
+    usage = moe_keras_hub.expert_usage(causal_lm, TEXTS, top_tokens=3)
+    assert list(usage) == ["transformer_layer_0", "transformer_layer_1"]
+    pairs = sum(len(tokenizer(text)) for text in TEXTS) * 2  # top 2
+    for layer, experts in enumerate(usage.values()):
+        assert [info["expert"] for info in experts] == list(range(8))
+        np.testing.assert_allclose(
+            sum(info["load"] for info in experts), 1.0, rtol=1e-12
+        )
+        for info in experts:
+            want = counts.get((layer, info["expert"]), {})
+            assert info["tokens_taken"] == sum(want.values())
+            assert info["load"] == sum(want.values()) / pairs
+            best = sorted(want.items(), key=lambda item: (-item[1], item[0]))
+            assert info["top_tokens"] == [
+                [tokenizer.detokenize([int(t)]), n, n / sum(want.values())]
+                for t, n in best[:3]
+            ]
+    listed = [len(info["top_tokens"]) for info in usage["transformer_layer_0"]]
+    assert max(listed) == 3
+    with pytest.raises(ValueError, match="pass `tokenizer=`"):
+        moe_keras_hub.expert_usage(sparse, TEXTS)
+    with pytest.raises(ValueError, match="sparsify"):
+        moe_keras_hub.expert_usage(tiny_backbone("mixtral"), TEXTS, tokenizer)
+
+
+def test_gemma4_moe_path_is_an_moe_layer_with_folded_scales():
+    # Not sparsified yet (its router and expert bank are two sublayers of
+    # the decoder block). The maths, at inference, is a plain MoELayer on
+    # the expert bank's input `n(x) * w` (`pre_ffw_norm_moe`): the router
+    # reads `n(x) * d**-0.5 * p`, so its kernel folds to
+    # `diag(d**-0.5 * p / w) @ P`, and the per-expert output scale folds
+    # into each expert's out kernel.
+    gemma4 = pytest.importorskip("keras_hub.src.models.gemma4.gemma4_moe")
+    from keras_hub.src.models.gemma4.gemma4_layers import RMSNormalization
+
+    from moe import MoELayer
+
+    experts, d, hidden, k = 8, 16, 8, 2
+    keras.utils.set_random_seed(0)
+    router = gemma4.Gemma4Router(experts, k, layer_norm_epsilon=1e-6)
+    bank = gemma4.Gemma4MoEBlock(experts, d, hidden)
+    norm = RMSNormalization(epsilon=1e-6)
+    for layer in (router, bank, norm):
+        layer.build((None, d))
+        redraw(layer)
+    rng = np.random.default_rng(2)
+    for scale in (norm.scale, router.per_dim_scale, bank.per_expert_scale):
+        scale.assign(1.0 + 0.2 * rng.normal(size=scale.shape))
+    x = np.random.default_rng(1).normal(size=(12, d)).astype("float32")
+    want = to_numpy(bank(norm(x), router(x)))
+
+    layer = MoELayer(
+        experts,
+        hidden,
+        top_k=k,
+        gated=True,
+        use_bias=False,
+        normalize_top_k=True,
+        activation=lambda t: keras.activations.gelu(t, approximate=True),
+    )
+    layer.build((None, d))
+    w = to_numpy(norm.scale)
+    p = to_numpy(router.per_dim_scale)
+    layer.gating_network.router_kernel.assign(
+        (d**-0.5 * p / w)[:, None] * to_numpy(router.proj.kernel)
+    )
+    layer.experts.expert_gate_kernel.assign(to_numpy(bank.gate_proj))
+    layer.experts.expert_in_kernel.assign(to_numpy(bank.up_proj))
+    scale = to_numpy(bank.per_expert_scale)[:, None, None]
+    layer.experts.expert_out_kernel.assign(to_numpy(bank.down_proj) * scale)
+    np.testing.assert_allclose(to_numpy(layer(norm(x))), want, atol=1e-5)
