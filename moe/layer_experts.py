@@ -4,7 +4,6 @@ import keras
 from keras import ops
 
 
-
 @keras.saving.register_keras_serializable(package="moe")
 class LayerExperts(keras.layers.Layer):
     """Experts that are arbitrary Keras layers or models (an ensemble).
@@ -152,4 +151,3 @@ class LayerExperts(keras.layers.Layer):
             keras.saving.serialize_keras_object(la) for la in self.expert_layers
         ]
         return config
-

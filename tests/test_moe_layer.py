@@ -508,7 +508,10 @@ def test_router_object_arguments_are_the_routers(tmp_path):
     model.save(path)
     loaded = keras.saving.load_model(path).get_layer("moe")
     assert loaded.capacity_factor == 1.25
-    assert loaded.get_config() == layer.get_config()
+    got, want_config = loaded.get_config(), layer.get_config()
+    for config in (got, want_config):  # JAX reloads the shape as a list
+        config["routing"].pop("build_config")
+    assert got == want_config
     np.testing.assert_allclose(to_numpy(loaded(x)), want, atol=1e-6)
 
 

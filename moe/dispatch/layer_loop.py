@@ -106,9 +106,7 @@ def layer_expert_choice(
         y = y * ops.cast(weights[e], y.dtype)[:, None]
         outputs = (
             outputs
-            + ops.segment_sum(y, rows, num_segments=num_tokens + 1)[
-                :num_tokens
-            ]
+            + ops.segment_sum(y, rows, num_segments=num_tokens + 1)[:num_tokens]
         )
     return outputs
 

@@ -93,7 +93,9 @@ def static_dim(x, axis):
     return size if size is not None else ops.shape(x)[axis]
 
 
-def drop_over_capacity(pair_experts, num_tokens, k, num_experts, capacity_factor):
+def drop_over_capacity(
+    pair_experts, num_tokens, k, num_experts, capacity_factor
+):
     """The capacity rule, the one place it is written.
 
     With `capacity_factor=None` (dropless) nothing changes. Else each expert

@@ -1,7 +1,5 @@
 """Token-choice sparse dispatch: picks the layout for the call."""
 
-from keras import ops
-
 from moe.dispatch.backend import (
     has_grouped_matmul,
     on_accelerator,

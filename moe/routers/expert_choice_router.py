@@ -107,4 +107,3 @@ class ExpertChoiceRouter(LearnedRouter):
         config = super().get_config()
         config["score_function"] = self.score_function
         return config
-

@@ -5,7 +5,10 @@ from keras import ops
 
 from moe import dispatch as dispatch_lib
 from moe import losses, quantization, routing, validation
-from moe.decisions import OTHER_DECISIONS, TokenChoice
+from moe.decisions import (
+    OTHER_DECISIONS,
+    TokenChoice,  # noqa: F401 (the example's)
+)
 from moe.gating_network import GatingNetwork
 
 
