@@ -195,6 +195,10 @@ class MoELayer(MoELayerCompat, keras.layers.Layer):
             selection_bias=selection_bias,
             bias_update_rate=bias_update_rate,
         )
+        # Earlier versions made their own copy of the router initializer
+        # here, which draws a seed from Python's `random` when unseeded;
+        # drawing it still keeps every seeded model initialised as before.
+        keras.initializers.get(router_initializer)
         if kwargs.get("name") is None:
             uid = keras.backend.get_uid("moe")
             kwargs["name"] = "moe" if uid == 1 else f"moe_{uid - 1}"
