@@ -7,7 +7,6 @@ import keras
 from keras import ops
 
 from moe import activations, quantization, validation
-from moe import dispatch as dispatch_lib
 from moe.initializers import PerExpertInitializer, base_seed
 from moe.layer_experts import LayerExperts
 
@@ -46,9 +45,9 @@ class Experts(keras.layers.Layer):
     `MoELayer` holds two: its routed experts (`weight_prefix="expert"`) and
     its shared experts (`weight_prefix="shared_expert"`, with their own
     width). Called directly, the layer runs every expert on every input;
-    `MoELayer` instead calls its dispatch methods (`token_choice`, `soft`,
-    `expert_choice`, `dense`), which run each expert only on the inputs
-    routed to it.
+    `MoELayer` instead hands it to `moe.dispatch.run_experts`, which reads
+    `stacked_weights` and `expert_fn` and runs each expert only on the
+    inputs routed to it.
 
     `enable_lora(rank)` gives each expert a low-rank adapter per kernel
     (the kernels frozen, every dispatch layout reading the sum);
@@ -412,55 +411,6 @@ class Experts(keras.layers.Layer):
             + (ops.shape(y)[-1],),
         )
 
-    def token_choice(
-        self,
-        tokens,
-        expert_indices,
-        expert_weights,
-        token_mask,
-        capacity_factor,
-        mode,
-        training=None,
-    ):
-        """Each token through its `k` chosen experts only; `(outputs (T,
-        d_out), dropped fraction)` (see `moe.dispatch.sparse_dispatch`)."""
-        return dispatch_lib.sparse_dispatch(
-            tokens,
-            expert_indices,
-            expert_weights,
-            token_mask,
-            self.stacked_weights,
-            self.expert_fn,
-            capacity_factor,
-            mode,
-        )
-
-    def soft(self, tokens, weights, training=None):
-        """Every expert on every token, weighted by `weights` `(T, E)`."""
-        return dispatch_lib.soft_dispatch(
-            tokens, weights, self.stacked_weights, self.expert_fn
-        )
-
-    def expert_choice(
-        self, tokens, token_indices, weights, picked, training=None
-    ):
-        """Each expert on the `(E, C)` tokens it picked."""
-        return dispatch_lib.expert_choice_dispatch(
-            tokens,
-            token_indices,
-            weights,
-            picked,
-            self.stacked_weights,
-            self.expert_fn,
-        )
-
-    def dense(self, tokens):
-        """The unweighted sum of every expert on every token (shared
-        experts)."""
-        return dispatch_lib.dense_experts(
-            tokens, self.stacked_weights, self.expert_fn
-        )
-
     def _int8_call(self, inputs):
         # `expert_fn` reads the quantization mode itself.
         return self.call(inputs)
@@ -581,26 +531,6 @@ def _affine(x, kernel, bias):
     if bias is not None:
         y = y + ops.expand_dims(bias, -2)
     return y
-
-
-# The `MoELayer` arguments `make_experts` takes (besides `dtype`).
-EXPERT_ARGUMENTS = (
-    "num_experts",
-    "hidden_dim",
-    "output_dim",
-    "activation",
-    "gated",
-    "use_bias",
-    "kernel_initializer",
-    "bias_initializer",
-    "num_shared_experts",
-    "shared_expert_hidden_dim",
-    "shared_expert_gate",
-    "experts",
-    "seed",
-    "glu_limit",
-    "glu_linear_offset",
-)
 
 
 def make_experts(

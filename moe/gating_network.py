@@ -14,7 +14,11 @@ class GatingNetwork(keras.layers.Layer):
     chosen, weighted by its probability (soft gating, the classic dense
     formulation). With `top_k=k` each input keeps its `k` most probable
     experts, with weights renormalised to sum to 1 (or the raw probabilities
-    with `normalize_top_k=False`, as Switch routing does).
+    with `normalize_top_k=False`, as Switch routing does), by
+    `moe.routing.top_k_selection`, the selection of the routers. The routers
+    of `moe.routers` build theirs with `top_k=None` and choose the experts
+    themselves (with their options: score function, selection bias,
+    groups); `top_k` is for a `GatingNetwork` used on its own.
 
     Noisy top-k gating (Shazeer et al., 2017) adds learned, input-dependent
     Gaussian noise to the logits during training,
@@ -151,7 +155,8 @@ class GatingNetwork(keras.layers.Layer):
             indices = ops.reshape(indices, ops.shape(probs))
             weights = probs
         else:
-            indices, weights = routing.top_k_routing(
+            # The routers' own selection (`moe.routers.TopKRouter`).
+            indices, weights = routing.top_k_selection(
                 probs, self.top_k, normalize=self.normalize_top_k
             )
         return {

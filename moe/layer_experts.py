@@ -3,8 +3,6 @@ import inspect
 import keras
 from keras import ops
 
-from moe import dispatch as dispatch_lib
-
 
 @keras.saving.register_keras_serializable(package="moe")
 class LayerExperts(keras.layers.Layer):
@@ -17,8 +15,9 @@ class LayerExperts(keras.layers.Layer):
     `MoELayer(experts=[...])` wraps its list in one.
 
     Each expert still runs only on the inputs routed to it, but one expert
-    at a time: a Python loop of `num_experts` calls, not the batched
-    matmuls of `Experts`, so it is the slower path. With dynamic shapes
+    at a time: a Python loop of `num_experts` calls to `run_expert`
+    (`moe.dispatch.layer_loop`), not the batched matmuls of `Experts`, so
+    it is the slower path. With dynamic shapes
     (eager, TensorFlow graphs, PyTorch) each expert gets exactly its
     inputs; under a compiler (JAX `jit`, XLA) it gets a static buffer of
     `capacity` rows (all the inputs when dropless) whose unused rows are
@@ -97,7 +96,11 @@ class LayerExperts(keras.layers.Layer):
             )
         self.output_dim = widths[0]
 
-    def _run(self, e, x, rows_real=None, training=None):
+    def run_expert(self, e, x, rows_real=None, training=None):
+        """Expert `e` on the rows `x` `(n, d)` -> `(n, d_out)` in this
+        layer's compute dtype; `rows_real` (bool `(n,)`) marks the rows
+        that are not padding, for an expert that supports masking. The
+        dispatch (`moe.dispatch.layer_loop`) calls it once per expert."""
         layer = self.expert_layers[e]
         kwargs = {}
         parameters = inspect.signature(layer.call).parameters
@@ -126,7 +129,7 @@ class LayerExperts(keras.layers.Layer):
         x = ops.reshape(inputs, (-1, ops.shape(inputs)[-1]))
         y = ops.stack(
             [
-                self._run(e, x, training=training)
+                self.run_expert(e, x, training=training)
                 for e in range(self.num_experts)
             ]
         )
@@ -136,104 +139,6 @@ class LayerExperts(keras.layers.Layer):
             + tuple(ops.shape(inputs)[:-1])
             + (self.output_dim,),
         )
-
-    def token_choice(
-        self,
-        tokens,
-        expert_indices,
-        expert_weights,
-        token_mask,
-        capacity_factor,
-        mode,
-        training=None,
-    ):
-        """Each token through its chosen expert layers; `(outputs (T,
-        d_out), dropped fraction)`. Same capacity rule as `Experts`."""
-        num_tokens = dispatch_lib.static_dim(tokens, 0)
-        k = ops.shape(expert_indices)[1]
-        num_experts = self.num_experts
-        pair_experts, pair_weights = dispatch_lib.flatten_pairs(
-            expert_indices, expert_weights, token_mask, num_experts
-        )
-        positions, _ = dispatch_lib.positions_in_expert(
-            pair_experts, num_experts
-        )
-        routed = ops.less(pair_experts, num_experts)
-        dropped = ops.zeros((), "float32")
-        # A token meets an expert at most once: dropless, `tokens` rows.
-        capacity = num_tokens
-        if capacity_factor is not None:
-            capacity = dispatch_lib.expert_capacity(
-                num_tokens, k, num_experts, capacity_factor
-            )
-            kept = ops.logical_and(routed, ops.less(positions, capacity))
-            dropped = 1.0 - ops.sum(ops.cast(kept, "float32")) / ops.maximum(
-                ops.sum(ops.cast(routed, "float32")), 1.0
-            )
-            pair_experts = ops.where(kept, pair_experts, num_experts)
-        pair_tokens = ops.tile(ops.arange(num_tokens, dtype="int32"), (k,))
-        weighted = []
-        if dispatch_lib.use_static_layout(tokens, mode):
-            # (E, C) the token of each buffer row, `num_tokens` if unused.
-            num_slots = num_experts * capacity
-            dest = ops.where(
-                ops.less(pair_experts, num_experts),
-                pair_experts * capacity + positions,
-                num_slots,
-            )
-            slots = ops.scatter_update(
-                ops.full((num_slots + 1,), num_tokens, dtype="int32"),
-                dest[:, None],
-                pair_tokens,
-            )[:num_slots]
-            slots = ops.reshape(slots, (num_experts, capacity))
-            for e in range(num_experts):
-                real = ops.less(slots[e], num_tokens)
-                y = self._run(e, _take_rows(tokens, slots[e]), real, training)
-                weighted.append((y, slots[e], real))
-            # Each pair reads its buffer row; pairs are summed per token.
-            rows = ops.concatenate([y for y, _, _ in weighted], axis=0)
-            rows = ops.take(_pad_row(rows), dest, axis=0)
-            rows = rows * ops.cast(pair_weights, rows.dtype)[:, None]
-            return ops.sum(ops.reshape(rows, (k, num_tokens, -1)), axis=0), (
-                dropped
-            )
-        outputs = 0.0
-        for e in range(num_experts):
-            (pairs,) = ops.nonzero(ops.equal(pair_experts, e))
-            owners = ops.take(pair_tokens, pairs, axis=0)
-            y = self._run(e, ops.take(tokens, owners, axis=0), None, training)
-            y = y * ops.cast(ops.take(pair_weights, pairs), y.dtype)[:, None]
-            outputs = outputs + ops.segment_sum(
-                y, owners, num_segments=num_tokens
-            )
-        return outputs, dropped
-
-    def soft(self, tokens, weights, training=None):
-        """Every expert layer on every token, weighted by `(T, E)`."""
-        outputs = 0.0
-        for e in range(self.num_experts):
-            y = self._run(e, tokens, None, training)
-            outputs = outputs + y * ops.cast(weights[:, e : e + 1], y.dtype)
-        return outputs
-
-    def expert_choice(
-        self, tokens, token_indices, weights, picked, training=None
-    ):
-        """Each expert layer on the `(E, C)` tokens it picked."""
-        num_tokens = ops.shape(tokens)[0]
-        outputs = 0.0
-        for e in range(self.num_experts):
-            rows = ops.where(picked[e], token_indices[e], num_tokens)
-            y = self._run(e, _take_rows(tokens, rows), picked[e], training)
-            y = y * ops.cast(weights[e], y.dtype)[:, None]
-            outputs = (
-                outputs
-                + ops.segment_sum(y, rows, num_segments=num_tokens + 1)[
-                    :num_tokens
-                ]
-            )
-        return outputs
 
     def compute_output_shape(self, input_shape):
         return (
@@ -246,13 +151,3 @@ class LayerExperts(keras.layers.Layer):
             keras.saving.serialize_keras_object(la) for la in self.expert_layers
         ]
         return config
-
-
-def _pad_row(x):
-    # One zero row appended: index `len(x)` reads zeros.
-    return ops.concatenate([x, ops.zeros_like(x[:1])], axis=0)
-
-
-def _take_rows(tokens, rows):
-    # `tokens[rows]`, where a row id `len(tokens)` reads zeros.
-    return ops.take(_pad_row(tokens), rows, axis=0)

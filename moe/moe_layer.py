@@ -2,24 +2,33 @@ import keras
 from keras import ops
 
 from moe import activations, quantization, routers, validation
+from moe import dispatch as dispatch_lib
 from moe import telemetry as telemetry_lib
-from moe.dispatch import DISPATCH_MODES
-from moe.experts import (
-    EXPERT_ARGUMENTS,
-    Experts,
-    check_output_width,
-    make_experts,
-)
+from moe.decisions import EveryExpert
+from moe.experts import Experts, check_output_width, make_experts
 from moe.layer_compat import MoELayerCompat
 
 # Arguments renamed since earlier versions: old name -> new name (configs
 # that still use the old one load).
 RENAMED_ARGUMENTS = {"group_top_k": "groups_per_token"}
-# Arguments stored, and returned by `get_config`, as they are.
-_PLAIN_ARGUMENTS = """hidden_dim output_dim gated use_bias glu_limit
-glu_linear_offset dispatch num_shared_experts shared_expert_hidden_dim
-shared_expert_gate telemetry
-""".split()
+
+
+class _RouterArgument:
+    # A router argument of `MoELayer`, read from its router (the owner):
+    # read-only, the layer keeps no copy.
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, layer, owner=None):
+        if layer is None:
+            return self
+        return routers.router_argument(layer.router, self.name)
+
+    def __set__(self, layer, value):
+        raise AttributeError(
+            f"`{self.name}` is the router's (`layer.router.{self.name}`), "
+            "set when the layer is made"
+        )
 
 
 @keras.saving.register_keras_serializable(package="moe")
@@ -45,14 +54,16 @@ class MoELayer(MoELayerCompat, keras.layers.Layer):
         output_dim: int or `None` (the input width).
         routing: `"top_k"`, `"switch"`, `"soft"`, `"expert_choice"`,
             `"hash"`, `"hierarchical"`, or a `moe.routers.Router` (then the
-            router arguments stay unset). Defaults to `"top_k"`.
+            router arguments stay unset, or equal the router's). Defaults
+            to `"top_k"`.
         top_k, capacity_factor, aux_loss_weight, z_loss_weight,
             router_noise, router_jitter, router_initializer,
             router_use_bias, seed,
             num_groups, groups_per_token, score_function, normalize_top_k,
             routed_scaling_factor, group_score, selection_bias,
             bias_update_rate: the router's arguments, documented and
-            validated by the router of `routing` (`moe.routers`).
+            validated by the router of `routing` (`moe.routers`), which
+            owns them: `layer.top_k`, ... read the router's values.
         activation, gated, use_bias, glu_limit, glu_linear_offset,
             kernel_initializer, bias_initializer: the experts'
             (`moe.Experts`).
@@ -140,32 +151,74 @@ class MoELayer(MoELayerCompat, keras.layers.Layer):
         if "group_top_k" in kwargs:  # see RENAMED_ARGUMENTS
             groups_per_token = kwargs.pop("group_top_k")
         routing = routers.get(routing)  # a name, or a (deserialized) router
-        given = locals()  # the router validates its own arguments
-        router_arguments = {n: given[n] for n in routers.ROUTER_ARGUMENTS}
         routed, shared = make_experts(
-            **{n: given[n] for n in EXPERT_ARGUMENTS}, dtype=kwargs.get("dtype")
+            num_experts=num_experts,
+            hidden_dim=hidden_dim,
+            output_dim=output_dim,
+            activation=activation,
+            gated=gated,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            num_shared_experts=num_shared_experts,
+            shared_expert_hidden_dim=shared_expert_hidden_dim,
+            shared_expert_gate=shared_expert_gate,
+            experts=experts,
+            seed=seed,
+            glu_limit=glu_limit,
+            glu_linear_offset=glu_linear_offset,
+            dtype=kwargs.get("dtype"),
         )
-        validation.one_of("dispatch", dispatch, DISPATCH_MODES)
+        validation.one_of("dispatch", dispatch, dispatch_lib.DISPATCH_MODES)
         validation.one_of("telemetry", telemetry, telemetry_lib.MODES)
+        # The router validates and owns its arguments; the layer reads them
+        # back through properties (`top_k`, `capacity_factor`, ...).
         router = routers.router_for(
-            routing, routed.num_experts, router_arguments, name="router"
+            routing,
+            routed.num_experts,
+            name="router",
+            top_k=top_k,
+            capacity_factor=capacity_factor,
+            aux_loss_weight=aux_loss_weight,
+            z_loss_weight=z_loss_weight,
+            router_noise=router_noise,
+            router_jitter=router_jitter,
+            router_initializer=router_initializer,
+            router_use_bias=router_use_bias,
+            seed=seed,
+            num_groups=num_groups,
+            groups_per_token=groups_per_token,
+            score_function=score_function,
+            normalize_top_k=normalize_top_k,
+            routed_scaling_factor=routed_scaling_factor,
+            group_score=group_score,
+            selection_bias=selection_bias,
+            bias_update_rate=bias_update_rate,
         )
+        # Earlier versions made their own copy of the router initializer
+        # here, which draws a seed from Python's `random` when unseeded;
+        # drawing it still keeps every seeded model initialised as before.
+        keras.initializers.get(router_initializer)
         if kwargs.get("name") is None:
             uid = keras.backend.get_uid("moe")
             kwargs["name"] = "moe" if uid == 1 else f"moe_{uid - 1}"
         super().__init__(**kwargs)
-        for name, value in router_arguments.items():
-            if name != "selection_bias":  # that name reads the variable
-                setattr(self, name, value)
-        self.use_selection_bias = selection_bias
-        self.router_initializer = keras.initializers.get(router_initializer)
-        for name in _PLAIN_ARGUMENTS:
-            setattr(self, name, given[name])
         self.num_experts = routed.num_experts
+        self.hidden_dim = hidden_dim
+        self.output_dim = output_dim
         self.routing = routing
         self.activation = activations.get(activation)
+        self.gated = gated
+        self.use_bias = use_bias
+        self.glu_limit = glu_limit
+        self.glu_linear_offset = glu_linear_offset
+        self.dispatch = dispatch
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.num_shared_experts = num_shared_experts
+        self.shared_expert_hidden_dim = shared_expert_hidden_dim
+        self.shared_expert_gate = shared_expert_gate
+        self.telemetry = telemetry
         self.router = router
         self.experts = routed
         self.shared_experts = shared
@@ -176,6 +229,31 @@ class MoELayer(MoELayerCompat, keras.layers.Layer):
         self.telemetry_metrics = telemetry_lib.make_metrics(
             self._telemetry_names, router, self.name
         )
+
+    # The router's arguments, read from the router (`moe.routers`); the
+    # router's `selection_bias` variable is `layer.selection_bias`
+    # (`MoELayerCompat`), the flag `use_selection_bias`.
+    top_k = _RouterArgument()
+    capacity_factor = _RouterArgument()
+    aux_loss_weight = _RouterArgument()
+    z_loss_weight = _RouterArgument()
+    router_noise = _RouterArgument()
+    router_jitter = _RouterArgument()
+    router_initializer = _RouterArgument()
+    router_use_bias = _RouterArgument()
+    seed = _RouterArgument()
+    num_groups = _RouterArgument()
+    groups_per_token = _RouterArgument()
+    score_function = _RouterArgument()
+    normalize_top_k = _RouterArgument()
+    routed_scaling_factor = _RouterArgument()
+    group_score = _RouterArgument()
+    bias_update_rate = _RouterArgument()
+
+    @property
+    def use_selection_bias(self):
+        """Whether the router adds a selection bias (`selection_bias`)."""
+        return routers.router_argument(self.router, "selection_bias")
 
     def build(self, input_shape):
         input_dim = input_shape[-1]
@@ -216,16 +294,19 @@ class MoELayer(MoELayerCompat, keras.layers.Layer):
             width = self.compute_output_shape(tokens.shape)[-1]
             outputs, dropped = ops.zeros((0, width), tokens.dtype), 0.0
         else:
-            outputs, dropped = self.router.dispatch(
+            outputs, dropped = dispatch_lib.run_experts(
                 decision,
                 self.experts,
                 tokens,
-                token_mask,
-                self.dispatch,
-                training,
+                token_mask=token_mask,
+                capacity_factor=self.capacity_factor,
+                mode=self.dispatch,
+                training=training,
             )
         if self.shared_experts is not None:
-            shared = self.shared_experts.dense(tokens)  # (T, d_out)
+            shared, _ = dispatch_lib.run_experts(
+                EveryExpert(), self.shared_experts, tokens
+            )  # (T, d_out)
             if self.shared_expert_gate:
                 gate = ops.matmul(
                     ops.cast(tokens, "float32"), self.shared_gate_kernel
@@ -338,19 +419,44 @@ class MoELayer(MoELayerCompat, keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        for name in (*routers.ROUTER_ARGUMENTS, *_PLAIN_ARGUMENTS):
-            config[name] = getattr(self, name)
         layers = getattr(self.experts, "expert_layers", None)
         ser = keras.saving.serialize_keras_object
         config.update(
             num_experts=self.num_experts,
+            hidden_dim=self.hidden_dim,
+            output_dim=self.output_dim,
             routing=routers.serialize(self.routing),
             activation=activations.serialize(self.activation),
+            gated=self.gated,
+            use_bias=self.use_bias,
+            glu_limit=self.glu_limit,
+            glu_linear_offset=self.glu_linear_offset,
+            dispatch=self.dispatch,
             kernel_initializer=ser(self.kernel_initializer),
             bias_initializer=ser(self.bias_initializer),
-            router_initializer=ser(self.router_initializer),
-            selection_bias=self.use_selection_bias,
+            num_shared_experts=self.num_shared_experts,
+            shared_expert_hidden_dim=self.shared_expert_hidden_dim,
+            shared_expert_gate=self.shared_expert_gate,
             experts=None if layers is None else [ser(la) for la in layers],
+            telemetry=self.telemetry,
+            # The router's arguments, as the router holds them.
+            top_k=self.top_k,
+            capacity_factor=self.capacity_factor,
+            aux_loss_weight=self.aux_loss_weight,
+            z_loss_weight=self.z_loss_weight,
+            router_noise=self.router_noise,
+            router_jitter=self.router_jitter,
+            router_initializer=ser(self.router_initializer),
+            router_use_bias=self.router_use_bias,
+            seed=self.seed,
+            num_groups=self.num_groups,
+            groups_per_token=self.groups_per_token,
+            score_function=self.score_function,
+            normalize_top_k=self.normalize_top_k,
+            routed_scaling_factor=self.routed_scaling_factor,
+            group_score=self.group_score,
+            selection_bias=self.use_selection_bias,
+            bias_update_rate=self.bias_update_rate,
         )
         quantized = quantization.quantized_sublayers(self)
         if quantized:

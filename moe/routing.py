@@ -37,22 +37,6 @@ def soft_routing(router_probs):
     return expert_indices, router_probs
 
 
-def top_k_routing(router_probs, k, normalize=True):
-    """Each token goes to its `k` most probable experts.
-
-    With `normalize=True` the `k` weights are renormalised to sum to 1
-    (Shazeer et al., 2017; Mixtral); with `normalize=False` they are the raw
-    router probabilities (Switch Transformer keeps `p_i` so that the router
-    is trained by the task loss even when `k = 1`).
-    """
-    expert_weights, expert_indices = ops.top_k(router_probs, k)
-    if normalize:
-        expert_weights = expert_weights / ops.sum(
-            expert_weights, axis=-1, keepdims=True
-        )
-    return ops.cast(expert_indices, "int32"), expert_weights
-
-
 def expert_scores(router_logits, score_function="softmax"):
     """Router logits -> expert scores, in float32.
 

@@ -338,3 +338,129 @@ def test_grouped_under_xla_is_refused_on_tensorflow():
     layer(x)
     with pytest.raises(ValueError, match="needs a grouped matmul"):
         tf.function(layer, jit_compile=True)(x)
+
+
+# --- The entry point: decisions, stacked and layer experts -------------------
+
+
+def _layer_experts(params):
+    # `moe.LayerExperts` whose expert `e` is stacked expert `e`: a Dense
+    # chain holding the same weights.
+    w1, b1, w2, b2 = params
+    layers = []
+    for e in range(NUM_EXPERTS):
+        expert = keras.Sequential(
+            [
+                keras.layers.Dense(HIDDEN, activation="relu"),
+                keras.layers.Dense(DIM),
+            ]
+        )
+        expert.build((None, DIM))
+        expert.set_weights([w1[e], b1[e], w2[e], b2[e]])
+        layers.append(expert)
+    experts = moe.LayerExperts(layers)
+    experts.build((None, DIM))
+    return experts
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.6])
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_run_experts_on_layer_experts_matches_per_token_loop(
+    mode, capacity_factor
+):
+    # The per-layer loop applies the same capacity rule as the layouts.
+    rng = np.random.default_rng(3)
+    stacked = _experts()
+    params = [ops.convert_to_numpy(p) for p in stacked.stacked_weights]
+    layers = _layer_experts(params)
+    x = rng.normal(size=(NUM_TOKENS, DIM)).astype("float32")
+    indices, weights, mask = _routing(rng)
+    kept = _kept(indices, mask, capacity_factor)
+    decision = moe.routers.TokenChoice(
+        ops.convert_to_tensor(indices), ops.convert_to_tensor(weights)
+    )
+    ref_out, _ = _reference(
+        x, indices, weights, kept, params, np.ones((NUM_TOKENS, DIM))
+    )
+    results = {}
+    for name, experts in (("stacked", stacked), ("layers", layers)):
+        out, dropped = dispatch.run_experts(
+            decision,
+            experts,
+            ops.convert_to_tensor(x),
+            token_mask=ops.convert_to_tensor(mask),
+            capacity_factor=capacity_factor,
+            mode=mode,
+        )
+        np.testing.assert_allclose(
+            ops.convert_to_numpy(out), ref_out, rtol=1e-4, atol=1e-5
+        )
+        results[name] = float(ops.convert_to_numpy(dropped))
+    want = 1.0 - kept.sum() / (mask[:, None] & np.ones_like(kept)).sum()
+    assert results["stacked"] == results["layers"]
+    np.testing.assert_allclose(results["stacked"], want, rtol=1e-6)
+
+
+def test_run_experts_matches_on_the_decision_type():
+    # Soft, expert choice and every expert, stacked and layer experts,
+    # against a NumPy loop over the experts.
+    rng = np.random.default_rng(4)
+    stacked = _experts()
+    params = [ops.convert_to_numpy(p) for p in stacked.stacked_weights]
+    layers = _layer_experts(params)
+    x = rng.normal(size=(NUM_TOKENS, DIM)).astype("float32")
+
+    def expert(e, rows):
+        w1, b1, w2, b2 = (p[e] for p in params)
+        return np.maximum(rows @ w1 + b1, 0.0) @ w2 + b2
+
+    every = np.stack([expert(e, x) for e in range(NUM_EXPERTS)])  # (E, T, d)
+    soft = rng.uniform(size=(NUM_TOKENS, NUM_EXPERTS)).astype("float32")
+    capacity = 5
+    picks = np.stack(
+        [rng.choice(NUM_TOKENS, capacity, replace=False) for _ in range(4)]
+    ).astype("int32")
+    pick_weights = rng.uniform(size=picks.shape).astype("float32")
+    picked = np.ones(picks.shape, bool)
+    picked[0, -1] = False  # not a real pick: adds nothing
+    chosen_by = np.zeros((NUM_TOKENS, NUM_EXPERTS), "float32")
+    chosen = np.zeros((NUM_TOKENS, DIM))
+    for e in range(NUM_EXPERTS):
+        for t, w, real in zip(picks[e], pick_weights[e], picked[e]):
+            if real:
+                chosen_by[t, e] = 1.0
+                chosen[t] += w * every[e, t]
+    tensor = ops.convert_to_tensor
+    cases = [
+        (moe.routers.EveryExpert(), every.sum(0), 0.0),
+        (
+            moe.routers.SoftChoice(tensor(soft), None, None),
+            np.einsum("etd,te->td", every, soft),
+            0.0,
+        ),
+        (
+            moe.routers.ExpertChoice(
+                tensor(picks),
+                tensor(pick_weights),
+                tensor(picked),
+                tensor(chosen_by),
+                None,
+                None,
+            ),
+            chosen,
+            np.mean(chosen_by.sum(1) == 0),
+        ),
+    ]
+    for decision, want, want_dropped in cases:
+        for experts in (stacked, layers):
+            out, dropped = dispatch.run_experts(decision, experts, tensor(x))
+            np.testing.assert_allclose(
+                ops.convert_to_numpy(out),
+                want,
+                rtol=1e-4,
+                atol=1e-5,
+                err_msg=type(decision).__name__,
+            )
+            np.testing.assert_allclose(
+                float(ops.convert_to_numpy(dropped)), want_dropped, rtol=1e-6
+            )

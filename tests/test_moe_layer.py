@@ -483,6 +483,47 @@ def test_from_config_round_trip():
     np.testing.assert_allclose(to_numpy(clone(x)), to_numpy(layer(x)))
 
 
+def test_router_object_arguments_are_the_routers(tmp_path):
+    # The layer keeps no copy of a router argument: it reads the router's,
+    # and its config (and so a `.keras` file) stores the router's values.
+    router = moe.routers.TopKRouter(
+        num_experts=4, capacity_factor=1.25, top_k=1, aux_loss_weight=0.5
+    )
+    layer = moe.MoELayer(4, 8, routing=router, name="moe")
+    assert layer.capacity_factor == 1.25
+    assert layer.top_k == 1 and layer.experts_per_input == 1
+    assert layer.aux_loss_weight == 0.5
+    config = layer.get_config()
+    assert config["capacity_factor"] == 1.25 and config["top_k"] == 1
+    clone = moe.MoELayer.from_config(config)
+    assert clone.capacity_factor == 1.25
+    assert clone.router.capacity_factor == 1.25
+    with pytest.raises(AttributeError, match="`capacity_factor` is the router"):
+        layer.capacity_factor = 2.0
+    inputs = keras.Input((4, 6))
+    model = keras.Model(inputs, layer(inputs))
+    x = random_inputs((3, 4, 6))
+    want = to_numpy(model(x))
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path).get_layer("moe")
+    assert loaded.capacity_factor == 1.25
+    got, want_config = loaded.get_config(), layer.get_config()
+    for config in (got, want_config):  # JAX reloads the shape as a list
+        config["routing"].pop("build_config")
+    assert got == want_config
+    np.testing.assert_allclose(to_numpy(loaded(x)), want, atol=1e-6)
+
+
+def test_routing_name_arguments_read_the_router():
+    layer = moe.MoELayer(4, 8, routing="switch", capacity_factor=1.5)
+    # "switch" fixes top_k=1 and raw probabilities: the router's values.
+    assert (layer.top_k, layer.normalize_top_k) == (1, False)
+    assert layer.capacity_factor == layer.router.capacity_factor == 1.5
+    layer = moe.MoELayer(4, 8, routing="expert_choice")
+    assert layer.top_k is None and layer.num_groups is None
+
+
 @pytest.mark.parametrize("routing", ROUTINGS)
 def test_one_fit_step_updates_experts_and_router(routing):
     model = build_model(routing=routing)

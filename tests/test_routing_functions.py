@@ -105,9 +105,9 @@ def test_top_k_selection_equals_per_token_loop(options):
         )
 
 
-def test_top_k_routing_and_soft_routing():
+def test_top_k_selection_and_soft_routing():
     s = scores()
-    indices, weights = routing.top_k_routing(tensor(s), 2, normalize=False)
+    indices, weights = routing.top_k_selection(tensor(s), 2, normalize=False)
     np.testing.assert_array_equal(
         to_numpy(indices), np.argsort(-s, axis=1, kind="stable")[:, :2]
     )

@@ -36,7 +36,13 @@ what the backend needs (one module each):
   What `"auto"` picks under a compiler when `k * tokens` is known and at
   most `experts` (`choose_layout`: decode).
 
-`choose_layout` is the one place the layout of a call is decided.
+`run_experts` (`moe.dispatch.run`) is the one entry point: `MoELayer`
+hands it the router's decision and the experts, and it matches on the
+decision's type (token choice, soft, expert choice, every expert) and on
+the experts' kind (stacked `moe.Experts`, or `moe.LayerExperts`, whose loop
+is `moe.dispatch.layer_loop`). `choose_layout` is the one place the layout
+of a token-choice call is decided, and `drop_over_capacity` the one place
+the capacity rule (capacity, kept, dropped) is written.
 
 A non-chosen expert is never computed on a token: buffer rows that no pair
 fills hold zeros and are never read back. `moe.dispatch.backend` is the
@@ -57,13 +63,21 @@ from moe.dispatch.dense import (
 from moe.dispatch.dynamic import dynamic_dispatch
 from moe.dispatch.gather import gather_dispatch
 from moe.dispatch.grouped import grouped_dispatch
+from moe.dispatch.layer_loop import (
+    layer_dense,
+    layer_expert_choice,
+    layer_soft,
+    layer_token_choice,
+)
 from moe.dispatch.pairs import (
+    drop_over_capacity,
     expert_capacity,
     flatten_pairs,
     kept_pairs,
     positions_in_expert,
     static_dim,
 )
+from moe.dispatch.run import run_experts, unpicked_fraction
 from moe.dispatch.sparse import (
     DISPATCH_MODES,
     choose_layout,
@@ -87,6 +101,7 @@ __all__ = [
     "capacity_dispatch",
     "choose_layout",
     "dense_experts",
+    "drop_over_capacity",
     "dynamic_dispatch",
     "expert_capacity",
     "expert_choice_dispatch",
@@ -97,12 +112,18 @@ __all__ = [
     "has_grouped_matmul",
     "has_values",
     "kept_pairs",
+    "layer_dense",
+    "layer_expert_choice",
+    "layer_soft",
+    "layer_token_choice",
     "on_accelerator",
     "positions_in_expert",
+    "run_experts",
     "shapes_must_be_static",
     "soft_dispatch",
     "sparse_dispatch",
     "static_dim",
+    "unpicked_fraction",
     "use_grouped_layout",
     "use_static_layout",
 ]

@@ -93,6 +93,46 @@ def static_dim(x, axis):
     return size if size is not None else ops.shape(x)[axis]
 
 
+def drop_over_capacity(
+    pair_experts, num_tokens, k, num_experts, capacity_factor
+):
+    """The capacity rule, the one place it is written.
+
+    With `capacity_factor=None` (dropless) nothing changes. Else each expert
+    keeps the first `expert_capacity(num_tokens, k, num_experts,
+    capacity_factor)` of the pairs routed to it, in pair order (first
+    choices before second choices, earlier tokens before later ones:
+    GShard's rule), and the others are dropped: their expert becomes
+    `num_experts`, which every layout skips.
+
+    Args:
+        pair_experts: int32 `(k * tokens,)` slot-major pair experts
+            (`flatten_pairs`), `num_experts` for unrouted pairs.
+        num_tokens: int or scalar tensor.
+        k: pairs per token.
+        num_experts: int.
+        capacity_factor: float or `None`.
+
+    Returns:
+        `(pair_experts, positions, capacity, dropped)`: the pair experts
+        with the dropped ones at `num_experts`; each pair's rank within its
+        expert (`positions_in_expert`) and the capacity, `None` when
+        dropless; and `dropped`, the float32 fraction of routed pairs
+        dropped.
+    """
+    if capacity_factor is None:
+        return pair_experts, None, None, ops.zeros((), "float32")
+    positions, _ = positions_in_expert(pair_experts, num_experts)
+    capacity = expert_capacity(num_tokens, k, num_experts, capacity_factor)
+    routed = ops.less(pair_experts, num_experts)
+    kept = ops.logical_and(routed, ops.less(positions, capacity))
+    dropped = 1.0 - ops.sum(ops.cast(kept, "float32")) / ops.maximum(
+        ops.sum(ops.cast(routed, "float32")), 1.0
+    )
+    pair_experts = ops.where(kept, pair_experts, num_experts)
+    return pair_experts, positions, capacity, dropped
+
+
 def kept_pairs(expert_indices, token_mask, num_experts, capacity_factor):
     """`(tokens, k)` bool: the pair is routed and within capacity."""
     num_tokens = ops.shape(expert_indices)[0]
@@ -100,9 +140,8 @@ def kept_pairs(expert_indices, token_mask, num_experts, capacity_factor):
     pair_experts, _ = flatten_pairs(
         expert_indices, expert_indices, token_mask, num_experts
     )
+    pair_experts, _, _, _ = drop_over_capacity(
+        pair_experts, num_tokens, k, num_experts, capacity_factor
+    )
     kept = ops.less(pair_experts, num_experts)
-    if capacity_factor is not None:
-        positions, _ = positions_in_expert(pair_experts, num_experts)
-        capacity = expert_capacity(num_tokens, k, num_experts, capacity_factor)
-        kept = ops.logical_and(kept, ops.less(positions, capacity))
     return ops.transpose(ops.reshape(kept, (k, num_tokens)))

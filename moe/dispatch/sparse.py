@@ -1,7 +1,5 @@
 """Token-choice sparse dispatch: picks the layout for the call."""
 
-from keras import ops
-
 from moe.dispatch.backend import (
     has_grouped_matmul,
     on_accelerator,
@@ -11,7 +9,7 @@ from moe.dispatch.dynamic import dynamic_dispatch
 from moe.dispatch.gather import gather_dispatch
 from moe.dispatch.grouped import grouped_dispatch
 from moe.dispatch.pairs import (
-    expert_capacity,
+    drop_over_capacity,
     flatten_pairs,
     positions_in_expert,
     static_dim,
@@ -144,20 +142,12 @@ def sparse_dispatch(
     pair_experts, pair_weights = flatten_pairs(
         expert_indices, expert_weights, token_mask, num_experts
     )
-    dropped = ops.zeros((), "float32")
-    if capacity_factor is not None or layout in ("blocks", "fitted"):
+    # Dropped pairs get expert `E` too (dropless: nothing changes).
+    pair_experts, positions, capacity, dropped = drop_over_capacity(
+        pair_experts, static_dim(tokens, 0), k, num_experts, capacity_factor
+    )
+    if layout in ("blocks", "fitted"):  # dropless: ranks and loads
         positions, counts = positions_in_expert(pair_experts, num_experts)
-    if capacity_factor is not None:
-        capacity = expert_capacity(
-            static_dim(tokens, 0), k, num_experts, capacity_factor
-        )
-        routed = ops.less(pair_experts, num_experts)
-        kept = ops.logical_and(routed, ops.less(positions, capacity))
-        dropped = 1.0 - ops.sum(ops.cast(kept, "float32")) / ops.maximum(
-            ops.sum(ops.cast(routed, "float32")), 1.0
-        )
-        if layout != "capacity":
-            pair_experts = ops.where(kept, pair_experts, num_experts)
     if layout == "gather":
         outputs = gather_dispatch(
             tokens, pair_experts, pair_weights, k, experts, expert_fn

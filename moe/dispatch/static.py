@@ -29,17 +29,17 @@ def capacity_dispatch(
 ):
     """Static `(experts, capacity, d)` buffer dispatch (see module docstring).
 
-    `positions` come from `positions_in_expert`; pairs with
-    `positions >= capacity` or `pair_experts == num_experts` are dropped.
+    `positions` come from `positions_in_expert`; every routed pair fits
+    (`positions < capacity`: `drop_over_capacity` has set the others'
+    expert to `num_experts`, or every load fits), and pairs with
+    `pair_experts == num_experts` are skipped.
     """
     num_tokens = ops.shape(tokens)[0]
     pair_tokens = ops.tile(ops.arange(num_tokens, dtype="int32"), (k,))
     num_slots = num_experts * capacity
-    kept = ops.logical_and(
-        ops.less(pair_experts, num_experts), ops.less(positions, capacity)
-    )
-    # (pairs,) buffer row of each pair; `num_slots` = dropped.
-    dest = ops.where(kept, pair_experts * capacity + positions, num_slots)
+    routed = ops.less(pair_experts, num_experts)
+    # (pairs,) buffer row of each pair; `num_slots` = not computed.
+    dest = ops.where(routed, pair_experts * capacity + positions, num_slots)
     slot_tokens = fill_slots(dest, pair_tokens, num_slots, num_tokens)
     x = ops.take(pad_row(tokens), slot_tokens, axis=0)
     x = ops.reshape(x, (num_experts, capacity, -1))  # (E, C, d)

@@ -1,37 +1,14 @@
-from typing import Any, NamedTuple
-
 import keras
 from keras import ops
 
 from moe import dispatch as dispatch_lib
 from moe import losses, routing, validation
+from moe.decisions import ExpertChoice
 from moe.routers.router import LearnedRouter, float_mask
 
 # With `capacity_factor=None` each expert picks `2 * tokens / experts`
 # inputs, the paper's EC-CF2 setting.
 DEFAULT_CAPACITY_FACTOR = 2.0
-
-
-class ExpertChoice(NamedTuple):
-    """Expert choice: the tokens each expert picked.
-
-    Attributes:
-        token_indices: int32 `(num_experts, capacity)`.
-        pick_weights: float32 `(num_experts, capacity)`, 0 where not picked.
-        picked: bool `(num_experts, capacity)`: a real pick (False only when
-            masked tokens leave an expert fewer than `capacity` choices).
-        chosen_by: float32 `(tokens, num_experts)`, 1 where expert `e`
-            picked token `t`.
-        load: float32 `(num_experts,)`, the share of the picks per expert.
-        router_scores: float32 `(tokens, num_experts)`, the scores.
-    """
-
-    token_indices: Any
-    pick_weights: Any
-    picked: Any
-    chosen_by: Any
-    load: Any
-    router_scores: Any
 
 
 @keras.saving.register_keras_serializable(package="moe")
@@ -113,16 +90,6 @@ class ExpertChoiceRouter(LearnedRouter):
             scores,
         )
 
-    def dispatch(self, decision, experts, tokens, token_mask, mode, training):
-        outputs = experts.expert_choice(
-            tokens,
-            decision.token_indices,
-            decision.pick_weights,
-            decision.picked,
-            training=training,
-        )
-        return outputs, _unpicked_fraction(decision.chosen_by, token_mask)
-
     def per_token(self, decision, token_mask):
         # (T, E). Scores are <= 1 (softmax or sigmoid): +2 ranks the
         # picking experts first, each part best first.
@@ -140,14 +107,3 @@ class ExpertChoiceRouter(LearnedRouter):
         config = super().get_config()
         config["score_function"] = self.score_function
         return config
-
-
-def _unpicked_fraction(chosen_by, token_mask):
-    # The fraction of routed tokens that no expert picked.
-    unpicked = ops.cast(ops.sum(chosen_by, axis=1) == 0, "float32")  # (T,)
-    routed = (
-        ops.ones_like(unpicked)
-        if token_mask is None
-        else ops.cast(token_mask, "float32")
-    )
-    return ops.sum(unpicked * routed) / ops.maximum(ops.sum(routed), 1.0)

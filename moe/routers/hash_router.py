@@ -1,7 +1,8 @@
 import keras
 
 from moe import losses, routing
-from moe.routers.router import Router, TokenChoice, float_mask
+from moe.decisions import TokenChoice
+from moe.routers.router import Router, float_mask
 
 
 @keras.saving.register_keras_serializable(package="moe")

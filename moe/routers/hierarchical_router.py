@@ -1,34 +1,9 @@
-from typing import Any, NamedTuple
-
 import keras
 from keras import ops
 
 from moe import losses, routing, validation
+from moe.decisions import HierarchicalChoice
 from moe.routers.router import Router, float_mask, validate_groups
-
-
-class HierarchicalChoice(NamedTuple):
-    """Two-level token choice: groups, then experts within them.
-
-    Attributes:
-        expert_indices: int32 `(tokens, k)`, flat expert ids, group-major.
-        expert_weights: float32 `(tokens, k)`, `p(group) * p(expert | group)`.
-        load: float32 `(num_experts,)`, the share of assignments per expert.
-        router_scores: float32 `(tokens, num_experts)`, the joint
-            distribution `p(group) * p(expert | group)`.
-        group_indices: int32 `(tokens, groups_per_token)`.
-        group_scores: float32 `(tokens, num_groups)`, the group router's
-            softmax.
-        group_load: float32 `(num_groups,)`.
-    """
-
-    expert_indices: Any
-    expert_weights: Any
-    load: Any
-    router_scores: Any
-    group_indices: Any
-    group_scores: Any
-    group_load: Any
 
 
 @keras.saving.register_keras_serializable(package="moe")

@@ -118,31 +118,44 @@ def serialize(routing):
     return routing
 
 
-def router_for(routing, num_experts, arguments, name=None):
+def router_argument(router, name):
+    """The value a router holds for the `MoELayer` router argument `name`
+    (`ROUTER_ARGUMENTS`), or the argument's default when the router takes
+    no such argument (e.g. `top_k` of expert choice): what `MoELayer`
+    reads and saves under that name."""
+    default = ROUTER_ARGUMENTS[name]
+    if name == "selection_bias":  # the router's `selection_bias` is the
+        name = "use_selection_bias"  # variable; the flag is this
+    return getattr(router, name, default)
+
+
+def router_for(routing, num_experts, name=None, **arguments):
     """The router of an `MoELayer`.
 
     Args:
         routing: a routing name, a `Router`, or a router's config dict.
         num_experts: the layer's experts.
-        arguments: the layer's router arguments (`ROUTER_ARGUMENTS` names).
         name: the name of a router made from a routing name.
+        **arguments: the layer's router arguments (`ROUTER_ARGUMENTS`
+            names).
 
     Returns:
         `make_router(routing, ...)` for a name; the router itself for a
         router object, whose settings are its own: then every argument must
-        be left at its default.
+        be left at its default or equal the router's (as the layer's
+        config, which reads the router, holds them).
     """
     routing = get(routing)
     if isinstance(routing, str):
         return make_router(routing, num_experts, name=name, **arguments)
     for arg, value in arguments.items():
-        default = ROUTER_ARGUMENTS[arg]
+        allowed = [ROUTER_ARGUMENTS[arg], router_argument(routing, arg)]
         if arg == "router_initializer":  # a name, an object or a config
-            value, default = (
+            value, *allowed = (
                 keras.initializers.serialize(keras.initializers.get(v))
-                for v in (value, default)
+                for v in (value, *allowed)
             )
-        if value != default:
+        if value not in allowed:
             raise ValueError(
                 f"With a router object, `{arg}` is the router's: pass it to "
                 f"the router. Received: {arg}={value!r}"

@@ -1,52 +1,36 @@
 """The `Router` base class and the decisions routers return."""
 
-from typing import Any, NamedTuple
-
 import keras
 from keras import ops
 
 from moe import dispatch as dispatch_lib
 from moe import losses, quantization, routing, validation
+from moe.decisions import (
+    OTHER_DECISIONS,
+    TokenChoice,  # noqa: F401 (the example's)
+)
 from moe.gating_network import GatingNetwork
-
-
-class TokenChoice(NamedTuple):
-    """Token choice: each token's `k` experts and their combine weights.
-
-    Attributes:
-        expert_indices: int32 `(tokens, k)`, distinct experts per token.
-        expert_weights: float32 `(tokens, k)`, the combine weights.
-        load: float32 `(num_experts,)` or `None`: the share of the routed
-            `(token, slot)` pairs choosing each expert, before capacity
-            (`moe.losses.expert_load`); computed from `expert_indices` when
-            `None`.
-        router_scores: float32 `(tokens, num_experts)` or `None`: the
-            router's scores (softmax or sigmoid), for the router entropy
-            telemetry (of the scores normalised per token).
-    """
-
-    expert_indices: Any
-    expert_weights: Any
-    load: Any = None
-    router_scores: Any = None
 
 
 @keras.saving.register_keras_serializable(package="moe")
 class Router(keras.layers.Layer):
     """Base class of the routers of `moe.MoELayer`.
 
-    A router decides which experts compute on which inputs. `MoELayer`
-    flattens its inputs to tokens `(T, d)` and calls its router with them;
-    the router returns a decision, adds its own losses (`add_loss`, in
-    training) and keeps any balancing state (non-trainable variables). The
-    layer then asks the router to `dispatch` the decision to the experts,
-    and for the `telemetry` of the call.
+    A router decides which experts compute on which inputs, and nothing
+    more: it never calls the experts. `MoELayer` flattens its inputs to
+    tokens `(T, d)` and calls its router with them; the router returns a
+    decision (a small typed result of `moe.decisions`), adds its own losses
+    (`add_loss`, in training) and keeps any balancing state (non-trainable
+    variables). The layer hands the decision, with the experts, to
+    `moe.dispatch.run_experts`, which matches on the decision's type, and
+    asks the router for the `telemetry` of the call.
 
     To write a token-choice router (each token picks its experts), subclass
     `Router`, create any weights in `build(input_shape)` (`input_shape` is
     `(T, d)`), and implement `call` returning a `TokenChoice` and the
-    property `experts_per_input` (its `k`); dispatch, capacity, `route()`
-    and telemetry come from the base class. Register the class with
+    property `experts_per_input` (its `k`); the dispatch, the capacity rule
+    (`capacity_factor`), `route()` and telemetry then work as for the
+    library's routers. Register the class with
     `@keras.saving.register_keras_serializable()` and return your own
     arguments from `get_config()` (chained to `super()`), and an
     `MoELayer(routing=YourRouter(...))` saves and reloads like any layer.
@@ -216,10 +200,11 @@ class Router(keras.layers.Layer):
         return keys
 
     def check_decision(self, decision, tokens):
-        """Refuse a token-choice decision the base `dispatch` would misuse.
+        """Refuse a token-choice decision the dispatch would misuse.
 
-        Runs for routers that keep the base class's `dispatch` (a router
-        that overrides it checks its own decisions). Shapes and dtypes are
+        Checks token-choice decisions (a `SoftChoice` or `ExpertChoice` is
+        the library's routers' own, correct by construction). Shapes and
+        dtypes are
         checked wherever they are known while tracing: `expert_indices` an
         integer `(T, k)` with `k = experts_per_input`, `expert_weights` a
         float of the same shape, one row per token. The index values (in
@@ -229,7 +214,7 @@ class Router(keras.layers.Layer):
         device-to-host sync, so there an index out of range is not caught
         (the output is wrong), nor are rows or `k` a symbolic shape hides.
         """
-        if type(self).dispatch is not Router.dispatch:
+        if isinstance(decision, OTHER_DECISIONS):
             return
         who = f"`{type(self).__name__}.call`"
         if not all(
@@ -237,8 +222,8 @@ class Router(keras.layers.Layer):
             for name in ("expert_indices", "expert_weights")
         ):
             raise ValueError(
-                f"{who} must return a `TokenChoice` (or the router must "
-                "override `dispatch` and `per_token`). Received: a "
+                f"{who} must return a `TokenChoice` (or another decision of "
+                "`moe.decisions`). Received: a "
                 f"{type(decision).__name__}"
             )
         indices, weights = decision.expert_indices, decision.expert_weights
@@ -282,30 +267,6 @@ class Router(keras.layers.Layer):
                 f"[0, {self.num_experts}). Received: expert_indices from "
                 f"{low} to {high}"
             )
-
-    def dispatch(self, decision, experts, tokens, token_mask, mode, training):
-        """Run the experts on the tokens the decision routes to them.
-
-        Args:
-            decision: what `call` returned.
-            experts: a `moe.Experts` or `moe.LayerExperts`.
-            tokens: `(T, d)`; token_mask: bool `(T,)` or `None`.
-            mode: the layer's `dispatch` argument.
-            training: bool.
-
-        Returns:
-            `(outputs (T, d_out), dropped)`: `dropped` is the float32
-            fraction of routed pairs dropped for capacity.
-        """
-        return experts.token_choice(
-            tokens,
-            decision.expert_indices,
-            decision.expert_weights,
-            token_mask,
-            self.capacity_factor,
-            mode,
-            training=training,
-        )
 
     def per_token(self, decision, token_mask):
         """`(expert_indices, expert_weights, kept)`, each `(T, k)`, for

@@ -1,24 +1,9 @@
-from typing import Any, NamedTuple
-
 import keras
 from keras import ops
 
 from moe import losses, routing, validation
+from moe.decisions import SoftChoice
 from moe.routers.router import LearnedRouter, float_mask
-
-
-class SoftChoice(NamedTuple):
-    """Soft routing: every expert on every token, with a weight each.
-
-    Attributes:
-        expert_weights: float32 `(tokens, num_experts)`.
-        load: float32 `(num_experts,)`, the mean weight of each expert.
-        router_scores: float32 `(tokens, num_experts)`, for the entropy.
-    """
-
-    expert_weights: Any
-    load: Any
-    router_scores: Any
 
 
 @keras.saving.register_keras_serializable(package="moe")
@@ -72,12 +57,6 @@ class SoftRouter(LearnedRouter):
                 [losses.router_z_loss(logits, mask)],
             )
         return SoftChoice(scores, load, scores)
-
-    def dispatch(self, decision, experts, tokens, token_mask, mode, training):
-        outputs = experts.soft(
-            tokens, decision.expert_weights, training=training
-        )
-        return outputs, ops.zeros((), "float32")
 
     def per_token(self, decision, token_mask):
         indices, weights = routing.soft_routing(decision.expert_weights)

@@ -2,9 +2,9 @@ import keras
 from keras import ops
 
 from moe import losses, routing, validation
+from moe.decisions import TokenChoice
 from moe.routers.router import (
     LearnedRouter,
-    TokenChoice,
     float_mask,
     validate_groups,
 )
