@@ -24,15 +24,13 @@ import sys
 # TensorFlow's C++ start-up log is noise to a user (a level they set stays).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from moe.lm import (  # noqa: E402
-    bundle,
-    cli,
-    corpus,
-    expert_words,
-    generation,
-    server_config,
-)
-from moe.lm.quantize import QUANTIZE_MODES  # noqa: E402
+from moe.lm import cli  # noqa: E402
+from moe.lm.analysis import expert_words  # noqa: E402
+from moe.lm.bundle import save_load  # noqa: E402
+from moe.lm.bundle.layout import ModelOutputError  # noqa: E402
+from moe.lm.model.quantize_model import QUANTIZE_MODES  # noqa: E402
+from moe.lm.serving import generation, server_config  # noqa: E402
+from moe.lm.text import corpus  # noqa: E402
 
 # Library arguments that are flags of another name.
 RENAMES = {"n": "top", "num_words": "generate", "max_body_bytes": "max_body_kb"}
@@ -163,7 +161,7 @@ def run_stream(predictor, args, lines, interactive: bool) -> None:
     for line in lines:
         try:
             answer(predictor, args, line)
-        except bundle.ModelOutputError:
+        except ModelOutputError:
             raise
         except ValueError as e:  # a line with no words: an empty answer
             print(e if interactive else "", flush=True)
@@ -174,35 +172,35 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = check_args(args)
         # What can be checked before TensorFlow loads.
-        bundle.check_bundle(args.model_dir)
+        save_load.check_bundle(args.model_dir)
         if args.expert_words is not None:
             words = expert_words.read(args.model_dir)
             print(expert_words.format_table(words, args.expert_words))
             return 0
         text = corpus.read_text(args.eval, args.encoding) if args.eval else ""
         with cli.loading_tensorflow():
-            from moe.lm.predictor import NextWordPredictor
+            from moe.lm.serving.predictor import NextWordPredictor
         if args.export:
-            from moe.lm.export import export_saved_model
+            from moe.lm.serving.export import export_saved_model
 
             path = export_saved_model(args.model_dir, args.export)
             print(f"exported to {path}")
             return 0
-        loaded = bundle.load_bundle(args.model_dir)
+        loaded = save_load.load_bundle(args.model_dir)
         if args.quantize != "none":
-            from moe.lm import quantize
+            from moe.lm.model import quantize_model
 
-            if quantize.is_quantized(loaded.model):
+            if quantize_model.is_quantized(loaded.model):
                 raise ValueError(
                     f"{args.model_dir} is quantized already; serve it "
                     "without `--quantize`"
                 )
-            quantize.quantize_model(loaded.model, args.quantize)
+            quantize_model.quantize_model(loaded.model, args.quantize)
         predictor = NextWordPredictor(
             loaded.model, loaded.tokenizer, loaded.max_seq_len
         )
         if args.http:
-            from moe.lm import server
+            from moe.lm.serving import server
 
             server.run(predictor, loaded.training, config, args.host,
                        args.port, ready=serving)  # fmt: skip
@@ -233,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serving(url: str) -> None:
-    from moe.lm.server import PREDICT_PATH
+    from moe.lm.serving.server import PREDICT_PATH
 
     print(f"serving {url}{PREDICT_PATH} (Ctrl-C stops)", flush=True)
 

@@ -21,9 +21,12 @@ from conftest import (
     script_env,
 )
 
-from moe.lm import bundle, cli, training
-from moe.lm.predictor import NextWordPredictor
-from moe.lm.training_config import TrainingConfig
+from moe.lm import cli
+from moe.lm.bundle import save_load
+from moe.lm.bundle.folder import OutputLock, check_output
+from moe.lm.serving.predictor import NextWordPredictor
+from moe.lm.training import train
+from moe.lm.training.config import TrainingConfig
 
 
 def test_train_then_serve_end_to_end(lm_trained, lm_corpus_file):
@@ -202,7 +205,7 @@ def test_same_seed_same_vocabulary_and_metrics(tmp_path, lm_corpus_file):
             ["--corpus", str(lm_corpus_file), "--output", str(tmp_path / name)]
             + LM_TINY_FLAGS
         )
-        runs.append(training.train(config, verbose=0))
+        runs.append(train.train(config, verbose=0))
     assert (tmp_path / "a" / "tokenizer.json").read_text() == (
         tmp_path / "b" / "tokenizer.json"
     ).read_text()
@@ -461,7 +464,7 @@ def test_interrupted_training_keeps_the_old_bundle(tmp_path, lm_trained):
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     hidden = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert hidden == [".saved_model.lock"]  # no temporary folder left
-    assert bundle.load_bundle(target).max_seq_len == 3
+    assert save_load.load_bundle(target).max_seq_len == 3
 
 
 def test_an_interrupt_python_dropped_still_stops_training(
@@ -485,7 +488,7 @@ def test_an_interrupt_python_dropped_still_stops_training(
         on_epoch_begin=lambda epoch, logs: interrupted.set()
     )
     with pytest.raises(KeyboardInterrupt):
-        training.train(
+        train.train(
             config, verbose=0, callbacks=[lost_interrupt],
             interrupted=interrupted,
         )  # fmt: skip
@@ -584,7 +587,7 @@ def test_a_second_training_on_the_same_output_is_refused(
     target = tmp_path / "saved_model"
     shutil.copytree(lm_trained[0], target)
     before = snapshot(target)
-    with bundle.OutputLock(target):  # a first training, still running
+    with OutputLock(target):  # a first training, still running
         # Refused at once, as documented: before TensorFlow loads.
         result = run_script(
             "-c", BLOCK_TENSORFLOW,
@@ -691,4 +694,4 @@ def test_the_quick_start_leaves_git_status_clean():
         [*git, "ls-files", "saved_model"], capture_output=True, text=True
     )
     assert tracked.stdout.split() == ["saved_model/README.md"]
-    assert bundle.check_output(REPO_ROOT / "saved_model")  # a valid target
+    assert check_output(REPO_ROOT / "saved_model")  # a valid target

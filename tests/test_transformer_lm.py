@@ -10,10 +10,13 @@ import pytest
 from conftest import LM_TINY_FLAGS, run_script
 from keras import ops
 
-from moe.lm import architectures, cli, data, training
-from moe.lm.metrics import next_word_metrics
-from moe.lm.predictor import NextWordPredictor
-from moe.lm.training_config import TrainingConfig, with_defaults
+from moe.lm import cli
+from moe.lm.model import architectures
+from moe.lm.model.metrics import next_word_metrics
+from moe.lm.serving.predictor import NextWordPredictor
+from moe.lm.text import examples
+from moe.lm.training.config import TrainingConfig, with_defaults
+from moe.lm.training.datasets import load_corpus, prepare_data
 
 TRANSFORMER_FLAGS = [
     "--architecture", "transformer", "--num-layers", "1", "--num-heads", "2",
@@ -197,10 +200,8 @@ def test_train_transformer_then_serve_end_to_end(
     # Whatever it trained on, the reported validation is the serving task:
     # the next word after each held-out context.
     config = with_defaults(cli.parse_training_args(list(map(str, flags))))
-    _, tokens, starts, _, val_pos = training.prepare_data(
-        config, training.load_corpus(config)
-    )
-    contexts = data.contexts(tokens, val_pos, starts[val_pos], 3)
+    _, tokens, starts, _, val_pos = prepare_data(config, load_corpus(config))
+    contexts = examples.contexts(tokens, val_pos, starts[val_pos], 3)
     probs = predictor.model.predict(contexts, verbose=0)
     expected = next_word_metrics(probs, tokens[val_pos])
     for name in ("accuracy", "top5_accuracy", "perplexity"):
