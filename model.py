@@ -45,24 +45,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 from moe.lm import cli  # noqa: E402
-from moe.lm.bundle.layout import BundleError  # noqa: E402
-from moe.lm.text import corpus  # noqa: E402
+from moe.lm.errors import UserError  # noqa: E402
 from moe.lm.training import data_parallel, train  # noqa: E402
-from moe.lm.training.config import ConfigError  # noqa: E402
 from moe.lm.training.datasets import (  # noqa: E402
     load_corpus,
     load_validation_corpus,
 )
 from moe.lm.training.resolve import validate  # noqa: E402
 from moe.lm.training.summary import summary_line  # noqa: E402
-
-USER_ERRORS = (
-    ConfigError,
-    train.TrainingError,
-    corpus.CorpusError,
-    BundleError,
-    data_parallel.StrategyError,
-)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 config, strategy=strategy, interrupted=interrupted,
                 texts=texts, held_out=held_out,
             )  # fmt: skip
-    except USER_ERRORS as e:
+    except UserError as e:  # anything else is a bug: its traceback shows
         names = [f.name for f in dataclasses.fields(config)]
         return cli.error("model.py", cli.flag_message(str(e), names))
     except OSError as e:  # e.g. the disk filled up while saving

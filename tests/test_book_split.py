@@ -4,8 +4,8 @@ import pytest
 from conftest import LM_TINY_FLAGS, LM_TINY_SENTENCES
 
 from moe.lm import cli
+from moe.lm.errors import CorpusError
 from moe.lm.text import book_split, corpus
-from moe.lm.text.corpus import CorpusError
 from moe.lm.training import train
 from moe.lm.training.config import TrainingConfig
 from moe.lm.training.datasets import load_corpus, prepare_data

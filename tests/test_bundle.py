@@ -16,9 +16,8 @@ from moe.lm.bundle.layout import (
     REQUIRED_FILES,
     TOKENIZER_FILE,
     TRAINING_FILE,
-    BundleBusyError,
-    BundleError,
 )
+from moe.lm.errors import BundleBusyError, BundleError
 from moe.lm.model import architectures
 from moe.lm.text.tokenizer import Tokenizer
 

@@ -440,6 +440,26 @@ def test_bad_input_via_cli(bad_inputs):
             )
 
 
+@pytest.mark.parametrize(
+    "argv, first_check",
+    [
+        (["model.py", "--epochs", "1"], "validate"),
+        (["serve.py", "hi"], "check_args"),
+    ],
+)
+def test_a_bug_is_not_a_user_error(argv, first_check, monkeypatch):
+    # Only a `UserError` is one line on stderr; any other exception, even a
+    # ValueError, is a bug and reaches the caller with its traceback.
+    script = load_script(argv[0])
+
+    def bug(*_):
+        raise ValueError("a bug, not a bad flag")
+
+    monkeypatch.setitem(script.main.__globals__, first_check, bug)
+    with pytest.raises(ValueError, match="a bug"):
+        script.main(argv[1:])
+
+
 def test_interrupted_training_keeps_the_old_bundle(tmp_path, lm_trained):
     target = tmp_path / "saved_model"
     shutil.copytree(lm_trained[0], target)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from conftest import load_script
 
+from moe.lm.errors import ExportError
 from moe.lm.serving.export import (
-    ExportError,
     export_saved_model,
     graph_words,
 )

@@ -8,9 +8,8 @@ from conftest import LM_TINY_CORPUS, run_script
 
 from moe.lm import cli
 from moe.lm.bundle import save_load
-from moe.lm.text.corpus import CorpusError
+from moe.lm.errors import ConfigError, CorpusError
 from moe.lm.training import finetune, train
-from moe.lm.training.config import ConfigError
 from moe.lm.training.resolve import validate
 from moe.lm.training.summary import summary_line
 

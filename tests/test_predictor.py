@@ -184,7 +184,7 @@ def nan_predictor(lm_predictor):
 
 
 def test_a_model_that_outputs_nan_gives_no_answer(lm_predictor):
-    from moe.lm.bundle.layout import ModelOutputError
+    from moe.lm.errors import ModelOutputError
 
     broken = nan_predictor(lm_predictor)
     for ask in (

@@ -9,9 +9,9 @@ import pytest
 from conftest import LM_TINY_FLAGS
 
 from moe.lm import cli
+from moe.lm.errors import ConfigError
 from moe.lm.training import recipe, train
 from moe.lm.training.config import (
-    ConfigError,
     TrainingConfig,
     with_defaults,
 )

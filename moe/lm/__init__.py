@@ -22,6 +22,7 @@ other:
   `generation`), the HTTP server (`server`, `server_config`, `requests`,
   `batcher`) and the TF SavedModel `export`.
 
+`errors` holds `UserError`, the base of every error a user can cause;
 `cli` is what the two scripts, `model.py` and `serve.py`, share. `moe`
 itself never imports `moe.lm`.
 
@@ -40,14 +41,15 @@ from moe._lazy import exports
 # Public name -> the module that defines it.
 _PUBLIC = {
     "Bundle": "moe.lm.bundle.save_load",
-    "BundleError": "moe.lm.bundle.layout",
-    "ConfigError": "moe.lm.training.config",
-    "CorpusError": "moe.lm.text.corpus",
-    "ExportError": "moe.lm.serving.export",
+    "BundleError": "moe.lm.errors",
+    "ConfigError": "moe.lm.errors",
+    "CorpusError": "moe.lm.errors",
+    "ExportError": "moe.lm.errors",
     "NextWordPredictor": "moe.lm.serving.predictor",
     "ServerConfig": "moe.lm.serving.server_config",
     "Tokenizer": "moe.lm.text.tokenizer",
     "TrainingConfig": "moe.lm.training.config",
+    "UserError": "moe.lm.errors",
     "create_app": "moe.lm.serving.server",
     "export_saved_model": "moe.lm.serving.export",
     "load_bundle": "moe.lm.bundle.save_load",

@@ -20,7 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from moe.lm.bundle.layout import TRAINING_FILE, BundleError
+from moe.lm.bundle.layout import (
+    TRAINING_FILE,
+)
+from moe.lm.errors import BundleError
 
 # The words kept per expert in `training.json`.
 TOP_WORDS = 10
@@ -99,16 +102,16 @@ def read(directory: str | Path) -> dict:
     """The `expert_words` a bundle's `training.json` records, checked.
 
     Raises:
-        ValueError: the bundle has no such record (trained before it was
-            kept, or without `training.json`).
-        moe.lm.bundle.layout.BundleError: the record is not what `summarize`
-            writes (edited by hand); the message names the field.
+        moe.lm.errors.BundleError: the bundle has no such record (trained
+            before it was kept, or without `training.json`), or it is not
+            what `summarize` writes (edited by hand; the message names the
+            field).
     """
     path = Path(directory) / TRAINING_FILE
     try:
         words = json.loads(path.read_text(encoding="utf-8"))[KEY]
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
-        raise ValueError(
+        raise BundleError(
             f"{path} records no expert words (the bundle was trained before "
             "model.py kept them); train it again with model.py"
         ) from None

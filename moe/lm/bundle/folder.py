@@ -31,9 +31,8 @@ from moe.lm.bundle.layout import (
     BUNDLE_FILES,
     KEPT_FILES,
     SWAP_WAIT_S,
-    BundleBusyError,
-    BundleError,
 )
+from moe.lm.errors import BundleBusyError, BundleError
 
 try:
     import fcntl

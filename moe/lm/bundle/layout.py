@@ -1,4 +1,4 @@
-"""What a bundle folder holds (its files' names), and the bundle errors.
+"""What a bundle folder holds: its files' names and limits.
 
 Shared by `save_load` (what each file holds: save, load, validation) and
 `folder` (how a folder is written safely).
@@ -25,15 +25,3 @@ KEPT_FILES = ("README.md",)
 MAX_SEQ_LEN = 1024
 # How long a load waits for a bundle another process is swapping in.
 SWAP_WAIT_S = 5.0
-
-
-class BundleError(ValueError):
-    """The bundle is missing, corrupt or inconsistent, or may not be written."""
-
-
-class BundleBusyError(BundleError):
-    """Another process holds the lock on the bundle folder."""
-
-
-class ModelOutputError(BundleError):
-    """The model produced NaN or infinite probabilities: it cannot serve."""

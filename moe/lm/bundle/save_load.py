@@ -41,8 +41,8 @@ from moe.lm.bundle.layout import (
     REQUIRED_FILES,
     TOKENIZER_FILE,
     TRAINING_FILE,
-    BundleError,
 )
+from moe.lm.errors import BundleError
 from moe.lm.text.tokenizer import Tokenizer
 
 

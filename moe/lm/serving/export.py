@@ -33,11 +33,8 @@ from pathlib import Path
 import keras
 
 from moe.lm.bundle.save_load import load_bundle
+from moe.lm.errors import ExportError
 from moe.lm.text.tokenizer import NUM_RESERVED, OOV_ID, Tokenizer
-
-
-class ExportError(ValueError):
-    """The export cannot be written; the message says why."""
 
 
 def graph_words(texts, rules: "TokenizerRules | None" = None):

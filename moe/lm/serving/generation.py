@@ -6,6 +6,8 @@ No TensorFlow: `serve.py` checks `--generate` and `--temperature` with
 
 import math
 
+from moe.lm.errors import QueryError
+
 # The most words one `generate` call continues a text by: each is a model
 # call, one after the other.
 MAX_GENERATE = 10_000
@@ -14,18 +16,18 @@ MAX_GENERATE = 10_000
 def check_generation(
     num_words: int | None = None, temperature: float | None = None
 ) -> None:
-    """Raises `ValueError` unless `num_words` is between 1 and
+    """Raises `QueryError` (a `ValueError`) unless `num_words` is between 1 and
     `MAX_GENERATE` and `temperature` is a finite number > 0 (`None`: not
     given, not checked)."""
     if num_words is not None and not 1 <= num_words <= MAX_GENERATE:
-        raise ValueError(
+        raise QueryError(
             f"`num_words` must be between 1 and {MAX_GENERATE}. "
             f"Received: num_words={num_words}"
         )
     if temperature is not None and not (
         math.isfinite(temperature) and temperature > 0
     ):
-        raise ValueError(
+        raise QueryError(
             "`temperature` must be a finite number > 0. Received: "
             f"temperature={temperature}"
         )

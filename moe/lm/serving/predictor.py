@@ -6,8 +6,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from moe.lm.bundle.layout import ModelOutputError
 from moe.lm.bundle.save_load import load_bundle
+from moe.lm.errors import CorpusError, ModelOutputError, QueryError
 from moe.lm.model.metrics import EPSILON, next_word_metrics
 from moe.lm.serving.generation import check_generation
 from moe.lm.text.corpus import pair_positions, token_stream
@@ -55,13 +55,13 @@ class NextWordPredictor:
         """Word ids of `text`.
 
         Raises:
-            ValueError: the text has no words.
+            QueryError: the text has no words.
         """
         if not isinstance(text, str):
             raise TypeError(f"a query must be a string, got {type(text)}")
         ids = self.tokenizer.encode(text)
         if not ids:
-            raise ValueError(f"empty query: no words in {text!r}")
+            raise QueryError(f"empty query: no words in {text!r}")
         return ids
 
     def probabilities(self, texts: list[str]) -> np.ndarray:
@@ -108,7 +108,7 @@ class NextWordPredictor:
         """The `n` most probable next words with their probabilities.
 
         Raises:
-            ValueError: `n` is not between 1 and the number of real words.
+            QueryError: `n` is not between 1 and the number of real words.
         """
         self._check_top("n", n)
         probs = self.probabilities([text])[0, NUM_RESERVED:]
@@ -135,7 +135,7 @@ class NextWordPredictor:
             (`{layer name: [[expert, weight], ...]}`, input side first).
 
         Raises:
-            ValueError: a text has no words, or `top` < 1.
+            QueryError: a text has no words, or `top` < 1.
         """
         from moe.lm.model.explain import experts_by_row
 
@@ -168,7 +168,7 @@ class NextWordPredictor:
     def _check_top(self, name: str, n: int) -> None:
         real_words = self.tokenizer.vocab_size - NUM_RESERVED
         if not 1 <= n <= real_words:
-            raise ValueError(
+            raise QueryError(
                 f"`{name}` must be between 1 and {real_words} (the real "
                 f"words of the vocabulary). Received: {name}={n}"
             )
@@ -211,7 +211,7 @@ class NextWordPredictor:
         probabilities sharpened (< 1) or flattened (> 1) by `temperature`.
 
         Raises:
-            ValueError: `text` has no words, `num_words` is not between 1 and
+            QueryError: `text` has no words, `num_words` is not between 1 and
                 `moe.lm.serving.generation.MAX_GENERATE`, or `temperature` is
                 not a finite number > 0 (checked at once, before the first
                 word).
@@ -239,12 +239,12 @@ class NextWordPredictor:
         boundaries included). An out-of-vocabulary target is a miss.
 
         Raises:
-            ValueError: the text gives no (context, next word) pair.
+            CorpusError: the text gives no (context, next word) pair.
         """
         tokens, starts = token_stream(self.tokenizer, [text])
         positions = pair_positions(starts)
         if len(positions) == 0:
-            raise ValueError(
+            raise CorpusError(
                 "nothing to evaluate: the text needs a sentence of at least "
                 "2 words"
             )

@@ -3,13 +3,14 @@ what is wrong with it (the 4xx answer)."""
 
 import json
 
+from moe.lm.errors import UserError
 from moe.lm.text.tokenizer import has_words
 
 # The most digits of a number in a request body.
 MAX_DIGITS = 18
 
 
-class RequestError(Exception):
+class RequestError(UserError):
     """A client error: answered with `status` and `{"error": message}`;
     `close`: then the connection is closed (its bytes cannot be trusted)."""
 

@@ -51,7 +51,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from moe.lm.bundle.layout import ModelOutputError
+from moe.lm.errors import ModelOutputError
 from moe.lm.serving.batcher import MicroBatcher
 from moe.lm.serving.requests import RequestError, parse_predict
 from moe.lm.serving.server_config import ServerConfig, check_port

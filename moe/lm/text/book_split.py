@@ -10,7 +10,7 @@ train. Pure Python; no TensorFlow.
 from pathlib import Path
 from typing import NamedTuple
 
-from moe.lm.text.corpus import CorpusError
+from moe.lm.errors import CorpusError
 
 
 class BookSplit(NamedTuple):

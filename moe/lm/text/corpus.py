@@ -9,13 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from moe.lm.errors import CorpusError
 from moe.lm.text.tokenizer import Tokenizer
 
 DEFAULT_CORPUS = "default_corpus.txt"
-
-
-class CorpusError(ValueError):
-    """A corpus the user gave cannot be used; the message says why."""
 
 
 def default_corpus_text() -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from moe.lm.bundle.folder import OutputLock, check_output
 from moe.lm.bundle.layout import MAX_SEQ_LEN
+from moe.lm.errors import ConfigError
 from moe.lm.model.architectures import ARCHITECTURES, TRAIN_POSITIONS
 from moe.lm.model.quantize_model import QUANTIZE_MODES
 from moe.lm.text.tokenizer import check_vocab_size
@@ -262,10 +263,6 @@ class TrainingConfig:
         "the best weights are saved",
         type=float,
     )
-
-
-class ConfigError(ValueError):
-    """An invalid setting; the message names the flag."""
 
 
 def check(config: TrainingConfig) -> None:

@@ -19,14 +19,12 @@ import dataclasses
 import json
 import os
 
+from moe.lm.errors import StrategyError
+
 STRATEGIES = ("none", "mirrored", "multi-worker")
 # Jobs MultiWorkerMirroredStrategy runs; "ps" and "evaluator" tasks belong to
 # other strategies or to a side-car evaluator, not to this training loop.
 _JOBS = ("chief", "worker")
-
-
-class StrategyError(ValueError):
-    """A strategy that cannot run here (bad `TF_CONFIG`, wrong backend)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from moe.lm.errors import ConfigError
 from moe.lm.text import corpus
 from moe.lm.text.tokenizer import (
     NUM_RESERVED,
@@ -19,7 +20,6 @@ from moe.lm.text.tokenizer import (
     split_sentences,
 )
 from moe.lm.training.config import (
-    ConfigError,
     TrainingConfig,
     with_defaults,
 )
@@ -159,9 +159,10 @@ def make_datasets(
     """The shuffled training and the ordered validation `tf.data` pipelines.
 
     Pairs (`examples.make_dataset`), or windows
-    (`examples.make_window_dataset`) with `--train-positions all`. With `replicas` > 1 (a `tf.distribute`
-    strategy), the first validation batch splits evenly over them: Keras
-    builds a model's evaluation from the replicas' mean of that batch
+    (`examples.make_window_dataset`) with `--train-positions all`. With
+    `replicas` > 1 (a `tf.distribute` strategy), the first validation batch
+    splits evenly over them: Keras builds a model's evaluation from the
+    replicas' mean of that batch
     (`_maybe_symbolic_build` in Keras's TensorFlow trainer), which fails on
     unequal shares, as when the validation part is under one batch.
 

@@ -26,8 +26,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 from moe.lm.bundle import save_load
-from moe.lm.bundle.layout import TRAINING_FILE, BundleError
-from moe.lm.training.config import ConfigError, TrainingConfig
+from moe.lm.bundle.layout import (
+    TRAINING_FILE,
+)
+from moe.lm.errors import BundleError, ConfigError
+from moe.lm.training.config import (
+    TrainingConfig,
+)
 
 # The parts `--freeze` may freeze, as `TrainingConfig.freeze` names them.
 FREEZABLE = ("experts", "router", "embeddings", "shared")

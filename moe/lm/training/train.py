@@ -39,11 +39,11 @@ from moe.lm.bundle.layout import (
     EXPERTS_FIGURE,
     TRAINING_FIGURE,
 )
+from moe.lm.errors import ConfigError, TrainingError
 from moe.lm.model import architectures, quantize_model
 from moe.lm.text.tokenizer import NUM_RESERVED
 from moe.lm.training import data_parallel, finetune, recipe
 from moe.lm.training.config import (
-    ConfigError,
     TrainingConfig,
     with_defaults,
 )
@@ -60,10 +60,6 @@ from moe.lm.training.resolve import resolve, validate
 # Training memory per parameter: float32 weights, gradients and Adam's two
 # moments.
 BYTES_PER_PARAMETER = 16
-
-
-class TrainingError(RuntimeError):
-    """Training failed in a way the user can act on (diverged, memory)."""
 
 
 def check_memory(config: TrainingConfig, vocab_size: int) -> int:
