@@ -23,16 +23,19 @@ TRANSFORMER_FLAGS = [
 ]  # fmt: skip
 
 
-def test_max_seq_len_defaults_per_architecture():
-    assert with_defaults(TrainingConfig()).max_seq_len == 1
-    transformer = TrainingConfig(architecture="transformer")
-    assert with_defaults(transformer).max_seq_len == 8
-    explicit = TrainingConfig(architecture="transformer", max_seq_len=5)
+@pytest.mark.parametrize("architecture", ["pooled", "transformer"])
+def test_unset_settings_take_the_architecture_defaults(architecture):
+    # A setting left unset resolves to a value (its architecture's, the one
+    # `--help` shows); a setting given is kept whatever the architecture.
+    resolved = with_defaults(TrainingConfig(architecture=architecture))
+    help_text = cli.training_parser().format_help()
+    for name in ("max_seq_len", "train_positions", "learning_rate"):
+        value = getattr(resolved, name)
+        assert value is not None
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        assert f"{shown} for {architecture}" in " ".join(help_text.split())
+    explicit = TrainingConfig(architecture=architecture, max_seq_len=5)
     assert with_defaults(explicit).max_seq_len == 5
-    assert with_defaults(TrainingConfig()).train_positions == "last"
-    assert with_defaults(transformer).train_positions == "all"
-    assert with_defaults(TrainingConfig()).learning_rate == 3e-3
-    assert with_defaults(transformer).learning_rate == 2e-3
 
 
 @pytest.mark.parametrize(

@@ -212,12 +212,12 @@ def every_position_model(model: "keras.Model") -> "keras.Model":
 
 def compile_model(
     model: "keras.Model",
-    learning_rate: float,
+    learning_rate: float | None = None,
     steps_per_execution: int = 1,
     jit_compile: bool | str = "auto",
     optimizer=None,
 ) -> None:
-    """Adam (or `optimizer`), sparse cross-entropy and the next-word metrics.
+    """An optimizer, sparse cross-entropy and the next-word metrics.
 
     Works for `(context, next word)` pairs and for weighted windows
     (`examples.make_window_dataset` with `every_position_model`, whose output
@@ -227,7 +227,8 @@ def compile_model(
 
     Args:
         model: the model to compile.
-        learning_rate: Adam's learning rate.
+        learning_rate: Adam's learning rate, when no `optimizer` is given;
+            neither: no optimizer, for a model that is only evaluated.
         steps_per_execution: training steps per compiled call: > 1 saves
             the per-step Python round trip of `fit`, which dominates a
             small model's step (`bench/training_throughput.py`).
@@ -241,13 +242,15 @@ def compile_model(
 
     from moe.lm.model.metrics import Perplexity, real_word_top_k_hits
 
+    if optimizer is None and learning_rate is not None:
+        optimizer = keras.optimizers.Adam(learning_rate)
     loss = "sparse_categorical_crossentropy"
     if len(model.output.shape) == 3:  # (batch, positions, vocabulary)
         loss = keras.losses.SparseCategoricalCrossentropy(ignore_class=0)
     model.compile(
         steps_per_execution=steps_per_execution,
         jit_compile=jit_compile,
-        optimizer=optimizer or keras.optimizers.Adam(learning_rate),
+        optimizer=optimizer,
         loss=loss,
         weighted_metrics=[
             keras.metrics.MeanMetricWrapper(

@@ -33,6 +33,19 @@ def setting(default, help: str, **flag):
     return dataclasses.field(default=default, metadata={"help": help, **flag})
 
 
+def per_architecture(name: str) -> str:
+    """`"default: 1 for pooled, 8 for transformer"`: the architectures'
+    defaults of setting `name`, from `ARCHITECTURES`."""
+    shown = (
+        f"{value:g}" if isinstance(value, float) else str(value)
+        for value in (getattr(d, name) for d in ARCHITECTURES.values())
+    )
+    return "default: " + ", ".join(
+        f"{value} for {architecture}"
+        for value, architecture in zip(shown, ARCHITECTURES)
+    )
+
+
 @dataclasses.dataclass
 class TrainingConfig:
     """Training settings; each field is the `model.py` flag of the same name.
@@ -87,7 +100,7 @@ class TrainingConfig:
     max_seq_len: int | None = setting(
         None,
         "context window: how many preceding words the model sees, at most "
-        f"{MAX_SEQ_LEN} (default: 1 for pooled, 8 for transformer)",
+        f"{MAX_SEQ_LEN} ({per_architecture('max_seq_len')})",
         type=int,
     )
     train_positions: str | None = setting(
@@ -95,8 +108,8 @@ class TrainingConfig:
         "transformer: learn the next word at every position of a window of "
         "--max-seq-len words (all), or only after each whole context (last, "
         "as serving asks; pooled always does). all sees each word once per "
-        "epoch, as last does, in fewer, larger steps (default: all for "
-        "transformer)",
+        "epoch, as last does, in fewer, larger steps "
+        f"({per_architecture('train_positions')})",
         choices=TRAIN_POSITIONS,
     )
     vocab_size: int = setting(
@@ -145,7 +158,7 @@ class TrainingConfig:
     )
     learning_rate: float | None = setting(
         None,
-        "peak learning rate (default: 0.003 for pooled, 0.002 for transformer)",
+        f"peak learning rate ({per_architecture('learning_rate')})",
         type=float,
     )
     validation_split: float | None = setting(
@@ -216,39 +229,39 @@ class TrainingConfig:
     # default.
     optimizer: str | None = setting(
         None,
-        "adam, or adamw: Adam with decoupled weight decay (default: adam for "
-        "pooled, adamw for transformer)",
+        "adam, or adamw: Adam with decoupled weight decay "
+        f"({per_architecture('optimizer')})",
         choices=recipe.OPTIMIZERS,
     )
     weight_decay: float | None = setting(
         None,
-        "adamw's decoupled weight decay (default: 0.1 for transformer)",
+        f"adamw's decoupled weight decay ({per_architecture('weight_decay')})",
         type=float,
     )
     clip_norm: float | None = setting(
         None,
-        "clip the gradients to this global norm, 0 for none (default: 0 for "
-        "pooled, 1 for transformer)",
+        "clip the gradients to this global norm, 0 for none "
+        f"({per_architecture('clip_norm')})",
         type=float,
     )
     warmup_steps: int | None = setting(
         None,
-        "steps of linear learning-rate warmup from 0 (default: 0 for "
-        "pooled, 200 for transformer)",
+        "steps of linear learning-rate warmup from 0 "
+        f"({per_architecture('warmup_steps')})",
         type=int,
     )
     lr_schedule: str | None = setting(
         None,
         "after warmup: constant, or cosine decay to 0 at the end of the run "
         "(--epochs, --max-steps or --max-minutes, whichever ends first; "
-        "default: constant for pooled, cosine for transformer)",
+        f"{per_architecture('lr_schedule')})",
         choices=recipe.LR_SCHEDULES,
     )
     ema: float | None = setting(
         None,
         "momentum of an exponential moving average of the weights, which "
         "is validated, kept by early stopping and saved; 0 for none "
-        "(default: 0 for pooled, 0.999 for transformer)",
+        f"({per_architecture('ema')})",
         type=float,
     )
     max_steps: int | None = setting(

@@ -422,8 +422,9 @@ def _compiled_models(config, tokenizer, strategy, start=None):
         trained = model
         if config.train_positions == "all":
             trained = architectures.every_position_model(model)
-            # `model` is compiled too, for `evaluate` and the bundle.
-            architectures.compile_model(model, config.learning_rate)
+            # `model` is compiled too, for `evaluate` and the bundle; it
+            # never trains, so it has no optimizer.
+            architectures.compile_model(model)
         architectures.compile_model(
             trained,
             config.learning_rate,
