@@ -6,8 +6,8 @@ pipelines (`moe.lm.training.datasets`), builds and trains the model, and saves
 the bundle; it returns the summary that `training.json` records.
 
 The checks run cheapest first, so that a mistake is reported before time
-is spent: `validate` (the settings it owns, the output folder and the
-TensorBoard folder; no TensorFlow) and reading the corpus answer in a
+is spent: `resolve` (the settings, the output folder and the TensorBoard
+folder; no TensorFlow) and reading the corpus answer in a
 fraction of a second; the layers check their own arguments when the model
 is built, after tokenization and a memory estimate, before training.
 
@@ -55,7 +55,7 @@ from moe.lm.training.datasets import (
     prepare_data,
     validation_dataset,
 )
-from moe.lm.training.resolve import resolve, validate
+from moe.lm.training.resolve import resolve
 
 # Training memory per parameter: float32 weights, gradients and Adam's two
 # moments.
@@ -220,8 +220,7 @@ def train(
             machine ran out of memory; nothing is saved.
         KeyboardInterrupt: `interrupted` was set; nothing is saved.
     """
-    validate(config)
-    config = resolve(config)
+    config = resolve(config)  # checked, bundle and defaults taken
     if texts is None:
         texts = load_corpus(config)
     task = data_parallel.check_strategy(config.strategy)  # TF_CONFIG
