@@ -30,9 +30,14 @@ tf.config.set_logical_device_configuration(
     cpu, [tf.config.LogicalDeviceConfiguration()] * 2
 )
 import keras
-from moe.lm import architectures, data, distribute, training
+from moe.lm.model import architectures
+from moe.lm.text import examples
+from moe.lm.training import data_parallel
+from moe.lm.training.train import build
+from moe.lm.training.config import TrainingConfig
+from moe.lm.training.datasets import load_corpus, prepare_data
 
-config = training.TrainingConfig(
+config = TrainingConfig(
     corpus=[sys.argv[1]], batch_size=16, max_seq_len=3, embed_dim=8,
     hidden_dim=8, num_experts=4, seed=7, validation_split=0.2,
     # The load-balancing loss multiplies two batch means, so each replica's
@@ -40,19 +45,19 @@ config = training.TrainingConfig(
     # the task loss are means over inputs and split exactly.
     aux_loss_weight=0.0,
 )
-tokenizer, tokens, starts, train, _ = training.prepare_data(
-    config, training.load_corpus(config)
+tokenizer, tokens, starts, train, _ = prepare_data(
+    config, load_corpus(config)
 )
 train = train[: len(train) // 16 * 16]  # whole global batches only
 
 
 def trajectory(strategy):
     keras.utils.set_random_seed(7)
-    dataset = data.make_dataset(
+    dataset = examples.make_dataset(
         tokens, starts, train, 3, config.batch_size, shuffle_seed=7
     )
     with strategy.scope():
-        net = training.build(config, tokenizer.vocab_size)
+        net = build(config, tokenizer.vocab_size)
         architectures.compile_model(net, 3e-3)
     steps = []
     record = keras.callbacks.LambdaCallback(
@@ -70,7 +75,7 @@ def trajectory(strategy):
 
 
 one = tf.distribute.MirroredStrategy(["/cpu:0"])
-two = distribute.make_strategy("mirrored")  # every logical device
+two = data_parallel.make_strategy("mirrored")  # every logical device
 one_steps, one_load, one_weights = trajectory(one)
 two_steps, two_load, two_weights = trajectory(two)
 print(json.dumps({
@@ -137,10 +142,12 @@ def test_model_py_trains_on_two_mirrored_replicas(
 WORKER_SCRIPT = """
 import sys
 import keras, numpy as np
-from moe.lm import cli, distribute, training
+from moe.lm import cli
+from moe.lm.training import data_parallel, train
+from moe.lm.training.summary import summary_line
 
 # The strategy first: a cluster is joined before TensorFlow sets up devices.
-strategy = distribute.make_strategy("multi-worker")
+strategy = data_parallel.make_strategy("multi-worker")
 
 
 class SaveWeights(keras.callbacks.Callback):
@@ -150,10 +157,10 @@ class SaveWeights(keras.callbacks.Callback):
 
 
 config = cli.parse_training_args(sys.argv[2:])
-summary = training.train(
+summary = train.train(
     config, verbose=0, callbacks=[SaveWeights()], strategy=strategy
 )
-print(training.summary_line(summary))
+print(summary_line(summary))
 """
 
 

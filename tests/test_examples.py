@@ -184,8 +184,8 @@ def test_windows_hold_every_target_once_with_its_sentence_context(
             tokens, starts, positions, max_seq_len, 7, shuffle_seed=epoch_seed
         )
         for _ in range(epochs):
-            windows = window_examples(ds)
-            targets = sorted(t for t, _ in windows)
+            pairs = window_examples(ds)
+            targets = sorted(t for t, _ in pairs)
             if epoch_seed is None:
                 assert targets == positions.tolist()
             else:  # all but the windows past the fewest an epoch has
@@ -194,13 +194,13 @@ def test_windows_hold_every_target_once_with_its_sentence_context(
                 windows = sum(len(x) for x, _, _ in ds.as_numpy_iterator())
                 fewest = examples.window_count(positions, starts, max_seq_len)
                 assert fewest <= windows <= -(-fewest // 7) * 7
-            for target, context in examples:
+            for target, context in pairs:
                 # The words just before the target, in its sentence, as many
                 # as the window holds: a suffix of the serving context.
                 assert 1 <= len(context) <= max_seq_len
                 assert context == tuple(range(target - len(context), target))
                 assert context[0] >= starts[target]
-            lengths.append(dict((t, len(c)) for t, c in examples))
+            lengths.append(dict((t, len(c)) for t, c in pairs))
     # In stream order every window's last target sees its full context.
     ordered = examples.make_window_dataset(
         tokens, starts, positions, max_seq_len, 7
