@@ -25,7 +25,7 @@ BUILT_IN_CORPUS = (
     Path(__file__).resolve().parent.parent
     / "moe"
     / "lm"
-    / "data"
+    / "text"
     / "default_corpus.txt"
 )
 
