@@ -13,7 +13,7 @@ and the pictures `training.png` and `experts.png` into `--output` (default
 `saved_model/`): a new or empty folder, or one holding a bundle, replaced
 only once the new one is complete. A run that is interrupted, fails or
 diverges leaves the previous bundle as it was. Serve it with
-`python serve.py "some text"`. The library behind it: `moe.lm.training`.
+`python serve.py "some text"`. The library behind it: `moe.lm.training.train`.
 """
 
 import os
@@ -44,15 +44,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # them. Read once, when TensorFlow starts.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
-from moe.lm import bundle, cli, corpus, distribute, training  # noqa: E402
-
-USER_ERRORS = (
-    training.ConfigError,
-    training.TrainingError,
-    corpus.CorpusError,
-    bundle.BundleError,
-    distribute.StrategyError,
+from moe.lm import cli  # noqa: E402
+from moe.lm.errors import UserError  # noqa: E402
+from moe.lm.training import data_parallel, train  # noqa: E402
+from moe.lm.training.datasets import (  # noqa: E402
+    load_corpus,
+    load_validation_corpus,
 )
+from moe.lm.training.resolve import validate  # noqa: E402
+from moe.lm.training.summary import summary_line  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,18 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with cli.ctrl_c_stops_training() as interrupted:
             # Settings, corpus and output folder, before TensorFlow loads.
-            training.validate(config)
-            training.check_size(config)
-            texts = training.load_corpus(config)
-            held_out = training.load_validation_corpus(config, texts)
+            validate(config)
+            train.check_size(config)
+            texts = load_corpus(config)
+            held_out = load_validation_corpus(config, texts)
             with cli.loading_tensorflow():
                 # A cluster is joined before TensorFlow sets up its devices.
-                strategy = distribute.make_strategy(config.strategy)
-            summary = training.train(
+                strategy = data_parallel.make_strategy(config.strategy)
+            summary = train.train(
                 config, strategy=strategy, interrupted=interrupted,
                 texts=texts, held_out=held_out,
             )  # fmt: skip
-    except USER_ERRORS as e:
+    except UserError as e:  # anything else is a bug: its traceback shows
         names = [f.name for f in dataclasses.fields(config)]
         return cli.error("model.py", cli.flag_message(str(e), names))
     except OSError as e:  # e.g. the disk filled up while saving
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    print(training.summary_line(summary))
+    print(summary_line(summary))
     return 0
 
 

@@ -24,15 +24,13 @@ import sys
 # TensorFlow's C++ start-up log is noise to a user (a level they set stays).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from moe.lm import (  # noqa: E402
-    bundle,
-    cli,
-    corpus,
-    expert_words,
-    generation,
-    server_config,
-)
-from moe.lm.quantize import QUANTIZE_MODES  # noqa: E402
+from moe.lm import cli  # noqa: E402
+from moe.lm.analysis import expert_words  # noqa: E402
+from moe.lm.bundle import save_load  # noqa: E402
+from moe.lm.errors import ConfigError, QueryError, UserError  # noqa: E402
+from moe.lm.model.quantize_model import QUANTIZE_MODES  # noqa: E402
+from moe.lm.serving import generation, server_config  # noqa: E402
+from moe.lm.text import corpus  # noqa: E402
 
 # Library arguments that are flags of another name.
 RENAMES = {"n": "top", "num_words": "generate", "max_body_bytes": "max_body_kb"}
@@ -88,39 +86,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> server_config.ServerConfig:
-    """The HTTP settings; raises `ValueError` for flags that cannot work."""
+    """The HTTP settings; raises `ConfigError` for flags that cannot work."""
     if args.top is not None and args.generate is not None:
-        raise ValueError("use --top or --generate, not both")
+        raise ConfigError("use --top or --generate, not both")
     if args.explain and (args.generate is not None or args.eval):
-        raise ValueError("--explain goes with texts or --top, not with "
+        raise ConfigError("--explain goes with texts or --top, not with "
                          "--generate or --eval")  # fmt: skip
     if args.quantize != "none" and args.export:
-        raise ValueError("--quantize goes with serving, not with --export")
+        raise ConfigError("--quantize goes with serving, not with --export")
     modes = [f for f in ("http", "export", "eval") if getattr(args, f)]
     if args.expert_words is not None:
         if args.expert_words < 1:
-            raise ValueError("--expert-words must be at least 1. Received: "
+            raise ConfigError("--expert-words must be at least 1. Received: "
                              f"{args.expert_words}")  # fmt: skip
         modes.insert(0, "expert-words")
     if len(modes) > 1:
-        raise ValueError(f"use one of --{' or --'.join(modes)}")
+        raise ConfigError(f"use one of --{' or --'.join(modes)}")
     query_flags = (args.top, args.generate)
     if (args.http or args.export or args.expert_words) and (
         args.texts or args.explain or query_flags != (None, None)
     ):
-        raise ValueError(
+        raise ConfigError(
             f"--{modes[0]} takes no TEXT, --top, --generate or --explain"
         )
     if any(not text.strip() for text in args.texts):
-        raise ValueError("empty query: give some words")
+        raise ConfigError("empty query: give some words")
     generation.check_generation(args.generate, args.temperature)
-    server_config.check_port(args.port)
-    return server_config.ServerConfig(
-        max_instances=args.max_instances,
-        max_body_bytes=args.max_body_kb * 1024,
-        max_batch=args.max_batch,
-        batch_wait_ms=args.batch_wait_ms,
-    )
+    try:  # the library's own checks, which name its arguments
+        server_config.check_port(args.port)
+        return server_config.ServerConfig(
+            max_instances=args.max_instances,
+            max_body_bytes=args.max_body_kb * 1024,
+            max_batch=args.max_batch,
+            batch_wait_ms=args.batch_wait_ms,
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def answer(predictor, args, text: str) -> None:
@@ -163,9 +164,7 @@ def run_stream(predictor, args, lines, interactive: bool) -> None:
     for line in lines:
         try:
             answer(predictor, args, line)
-        except bundle.ModelOutputError:
-            raise
-        except ValueError as e:  # a line with no words: an empty answer
+        except QueryError as e:  # a line with no words: an empty answer
             print(e if interactive else "", flush=True)
 
 
@@ -174,35 +173,35 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = check_args(args)
         # What can be checked before TensorFlow loads.
-        bundle.check_bundle(args.model_dir)
+        save_load.check_bundle(args.model_dir)
         if args.expert_words is not None:
             words = expert_words.read(args.model_dir)
             print(expert_words.format_table(words, args.expert_words))
             return 0
         text = corpus.read_text(args.eval, args.encoding) if args.eval else ""
         with cli.loading_tensorflow():
-            from moe.lm.predictor import NextWordPredictor
+            from moe.lm.serving.predictor import NextWordPredictor
         if args.export:
-            from moe.lm.export import export_saved_model
+            from moe.lm.serving.export import export_saved_model
 
             path = export_saved_model(args.model_dir, args.export)
             print(f"exported to {path}")
             return 0
-        loaded = bundle.load_bundle(args.model_dir)
+        loaded = save_load.load_bundle(args.model_dir)
         if args.quantize != "none":
-            from moe.lm import quantize
+            from moe.lm.model import quantize_model
 
-            if quantize.is_quantized(loaded.model):
-                raise ValueError(
+            if quantize_model.is_quantized(loaded.model):
+                raise ConfigError(
                     f"{args.model_dir} is quantized already; serve it "
                     "without `--quantize`"
                 )
-            quantize.quantize_model(loaded.model, args.quantize)
+            quantize_model.quantize_model(loaded.model, args.quantize)
         predictor = NextWordPredictor(
             loaded.model, loaded.tokenizer, loaded.max_seq_len
         )
         if args.http:
-            from moe.lm import server
+            from moe.lm.serving import server
 
             server.run(predictor, loaded.training, config, args.host,
                        args.port, ready=serving)  # fmt: skip
@@ -226,14 +225,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except OSError as e:  # e.g. --http port in use, --export not writable
         return cli.error("serve.py", e)
-    except ValueError as e:  # flags, bundle, corpus, export, a broken model
+    except UserError as e:  # flags, bundle, corpus, export, a broken model
         return cli.error("serve.py", cli.flag_message(str(e), vars(args),
                                                       RENAMES))  # fmt: skip
     return 0
 
 
 def serving(url: str) -> None:
-    from moe.lm.server import PREDICT_PATH
+    from moe.lm.serving.server import PREDICT_PATH
 
     print(f"serving {url}{PREDICT_PATH} (Ctrl-C stops)", flush=True)
 

@@ -41,7 +41,7 @@ COMMANDS = {
 
 def corrupt_bundle(folder: Path) -> None:
     """A bundle whose model.keras is cut short (a truncated copy)."""
-    from moe.lm.tokenizer import Tokenizer
+    from moe.lm.text.tokenizer import Tokenizer
 
     folder.mkdir()
     (folder / "tokenizer.json").write_text(Tokenizer(["a", "b"]).to_json())

@@ -27,7 +27,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = REPO_ROOT.parent / "shared" / "corpora" / "alice.txt"
-BUILT_IN_CORPUS = REPO_ROOT / "moe" / "lm" / "data" / "default_corpus.txt"
+BUILT_IN_CORPUS = REPO_ROOT / "moe" / "lm" / "text" / "default_corpus.txt"
 QUICK_FLAGS = ["--embed-dim", "16", "--hidden-dim", "16", "--num-experts", "2"]
 
 

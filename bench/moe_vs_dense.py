@@ -1,7 +1,7 @@
 """MoE against dense Transformers on a whole-book split (issue 17).
 
 Trains `model.py --architecture transformer` models on the training books
-of `--books` (`moe.lm.book_split`: one book validates, one tests, the rest
+of `--books` (`moe.lm.text.book_split`: one book validates, one tests, the rest
 train), each for the same `--max-steps` (and/or `--max-minutes`), and
 reports held-out perplexity and top-1 on the validation book and on the
 test book. `--experts 1` is the dense control at equal active parameters:
@@ -39,7 +39,13 @@ warnings.filterwarnings("ignore", message="You are using a softmax over axis")
 
 import numpy as np  # noqa: E402
 
-from moe.lm import book_split, cli, corpus, training  # noqa: E402
+from moe.lm import cli  # noqa: E402
+from moe.lm.text import book_split, corpus  # noqa: E402
+from moe.lm.training import train  # noqa: E402
+from moe.lm.training.config import (  # noqa: E402
+    TrainingConfig,
+    with_defaults,
+)
 
 
 def run_flags(experts: int, top_k: int, hidden_dim: int) -> list[str]:
@@ -60,14 +66,12 @@ def test_metrics(output: str, test_book: Path) -> dict:
     task: the next word after each whole context)."""
     import dataclasses
 
-    from moe.lm.bundle import load_bundle
-    from moe.lm.training_data import validation_dataset
+    from moe.lm.bundle.save_load import load_bundle
+    from moe.lm.training.datasets import validation_dataset
 
     loaded = load_bundle(output)
     summary = json.loads((Path(output) / "training.json").read_text())
-    config = training.with_defaults(
-        training.TrainingConfig(**summary["config"])
-    )
+    config = with_defaults(TrainingConfig(**summary["config"]))
     tokens, starts = corpus.token_stream(
         loaded.tokenizer, [corpus.read_text(test_book)]
     )
@@ -76,9 +80,9 @@ def test_metrics(output: str, test_book: Path) -> dict:
         dataclasses.replace(config, train_positions="last"),
         tokens, starts, positions,
     )  # fmt: skip
-    from moe.lm.architectures import compile_model
+    from moe.lm.model.architectures import compile_model
 
-    compile_model(loaded.model, config.learning_rate)  # for the metrics
+    compile_model(loaded.model)  # for the metrics
     m = loaded.model.evaluate(ds, return_dict=True, verbose=0)
     return {k: float(m[k]) for k in ("accuracy", "top5_accuracy", "perplexity")}
 
@@ -143,7 +147,7 @@ def train_one(args, split, experts, seed, workdir) -> dict:
         flags += ["--max-minutes", str(args.max_minutes)]
     config = cli.parse_training_args(flags)
     started = time.perf_counter()
-    summary = training.train(config, verbose=0)
+    summary = train.train(config, verbose=0)
     seconds = time.perf_counter() - started
     return {
         "run": run_settings(args, split, experts, seed),

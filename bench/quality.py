@@ -15,7 +15,7 @@ is the last `--validation-split` of the corpus, as in `model.py`):
   of the same *active* parameters: one expert of width top_k x hidden_dim,
   `--routing soft` (one expert, weight 1: exactly a dense FFN).
 
-Each neural model is trained by `moe.lm.training.train` (same data
+Each neural model is trained by `moe.lm.training.train.train` (same data
 pipeline, Adam, early stopping on validation loss with the best weights
 restored) with a budget of `--seconds` of training time: a callback stops
 training when the time spent in training steps passes the budget
@@ -24,9 +24,9 @@ counted). Every model trains
 with `--seed`, so a rerun differs only by how many steps fit in the time.
 
 - `kn3`, `kn4`, `kn5`: interpolated modified Kneser-Ney of order 3 to 5
-  (`moe.lm.baselines.KneserNey`), with perplexity.
+  (`moe.lm.analysis.baselines.KneserNey`), with perplexity.
 
-With `--books DIR` the split is by whole book (`moe.lm.book_split`): the
+With `--books DIR` the split is by whole book (`moe.lm.text.book_split`): the
 vocabulary and counts come from the training books, and the count
 baselines are scored on every target of the validation book and of the
 test book; the neural models of that split are `bench/moe_vs_dense.py`'s.
@@ -56,8 +56,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from moe.lm import book_split, cli, corpus, training  # noqa: E402
-from moe.lm.baselines import KneserNey, ngram_baseline  # noqa: E402
+from moe.lm import cli  # noqa: E402
+from moe.lm.analysis.baselines import (  # noqa: E402
+    KneserNey,
+    ngram_baseline,
+)
+from moe.lm.text import book_split, corpus  # noqa: E402
+from moe.lm.training import train  # noqa: E402
+from moe.lm.training.datasets import load_corpus, prepare_data  # noqa: E402
 
 DEFAULT_CORPUS = REPO_ROOT.parent / "shared" / "corpora" / "alice.txt"
 # The dense control's one-expert router: its softmax over one logit is 1 on
@@ -151,8 +157,8 @@ def train_contender(name, flags, args, workdir) -> dict:
         ]
     )  # fmt: skip
     budget = TrainingTimeBudget(args.seconds)
-    summary = training.train(config, verbose=0, callbacks=[budget])
-    from moe.lm.bundle import load_bundle
+    summary = train.train(config, verbose=0, callbacks=[budget])
+    from moe.lm.bundle.save_load import load_bundle
 
     params = parameter_counts(load_bundle(config.output).model)
     return {
@@ -208,8 +214,8 @@ def main(argv=None):
         ["--corpus", str(args.corpus),
          "--validation-split", str(args.validation_split)]
     )  # fmt: skip
-    tokenizer, tokens, starts, train_pos, val_pos = training.prepare_data(
-        config, training.load_corpus(config)
+    tokenizer, tokens, starts, train_pos, val_pos = prepare_data(
+        config, load_corpus(config)
     )
     print(
         f"{args.corpus.name}: {len(tokens)} words, vocabulary "
@@ -284,7 +290,7 @@ def book_baselines(args) -> None:
         ["--corpus", *map(str, split.train),
          "--validation-corpus", str(split.validate)]
     )  # fmt: skip
-    data = training.prepare_data(config, training.load_corpus(config))
+    data = prepare_data(config, load_corpus(config))
     # The test book appended as a stream of its own, same vocabulary.
     test_tokens, test_starts = corpus.token_stream(
         data.tokenizer, [corpus.read_text(split.test)]

@@ -1,8 +1,10 @@
 """int8 bundles (`model.py --quantize int8`): size, held-out quality, latency.
 
 From one float32 bundle (`--model-dir`), its int8 twin is made as
-`model.py --quantize int8` makes it (`moe.lm.quantize.quantize_model`, then
-`moe.lm.bundle.save_bundle`) and loaded back from disk, as `serve.py` does;
+`model.py --quantize int8` makes it
+(`moe.lm.model.quantize_model.quantize_model`, then
+`moe.lm.bundle.save_load.save_bundle`) and loaded back from disk, as
+`serve.py` does;
 the float32 side is the same bundle saved again the same way (without the
 optimizer state model.py's float bundle carries, reported apart).
 Side by side, in this process:
@@ -57,14 +59,15 @@ def weight_bytes(model) -> dict:
 def write_bundle(model_dir: Path, out: Path, mode: str) -> Path:
     """The bundle in `model_dir` saved again without its optimizer state,
     quantized to `mode` as `model.py --quantize` does (`"none"`: float)."""
-    from moe.lm import bundle, quantize
+    from moe.lm.bundle import save_load
+    from moe.lm.model import quantize_model
 
-    loaded = bundle.load_bundle(model_dir)  # compile=False: no optimizer
-    quantize.quantize_model(loaded.model, mode)
+    loaded = save_load.load_bundle(model_dir)  # compile=False: no optimizer
+    quantize_model.quantize_model(loaded.model, mode)
     training = {**loaded.training, "quantized": {"mode": mode}}
     if mode == "none":
         del training["quantized"]
-    return bundle.save_bundle(
+    return save_load.save_bundle(
         out, loaded.model, loaded.tokenizer, loaded.max_seq_len, training
     )
 
@@ -81,9 +84,10 @@ def main(argv=None):
     if args.quick:
         args.repeats, args.calls = 1, 20
 
-    from moe.lm import bundle
-    from moe.lm.predictor import NextWordPredictor
-    from moe.lm.quantize import QUANTIZE_MODES
+    from moe.lm.bundle import save_load
+    from moe.lm.bundle.layout import MODEL_FILE
+    from moe.lm.model.quantize_model import QUANTIZE_MODES
+    from moe.lm.serving.predictor import NextWordPredictor
 
     tmp = Path(tempfile.mkdtemp(prefix="quantization-bench-"))
     model_dir = args.model_dir or train_bundle(tmp, quick=True)
@@ -91,14 +95,14 @@ def main(argv=None):
         mode: write_bundle(model_dir, tmp / f"{mode}_model", mode)
         for mode in QUANTIZE_MODES
     }
-    loaded = {mode: bundle.load_bundle(d) for mode, d in dirs.items()}
+    loaded = {mode: save_load.load_bundle(d) for mode, d in dirs.items()}
     predictors = {
         mode: NextWordPredictor(b.model, b.tokenizer, b.max_seq_len)
         for mode, b in loaded.items()
     }
     sizes = {
         mode: {
-            "model_keras_bytes": (d / bundle.MODEL_FILE).stat().st_size,
+            "model_keras_bytes": (d / MODEL_FILE).stat().st_size,
             "bundle_bytes": folder_bytes(d),
             "weight_bytes_by_dtype": weight_bytes(loaded[mode].model),
         }
@@ -122,7 +126,7 @@ def main(argv=None):
         m: {k: statistics.median(v) for k, v in r.items()}
         for m, r in rounds.items()
     }
-    base, trained_bytes = sizes["none"], (model_dir / bundle.MODEL_FILE)
+    base, trained_bytes = sizes["none"], (model_dir / MODEL_FILE)
     result = {
         "model_dir": str(model_dir),
         "eval": str(args.eval) if args.eval else "queries",

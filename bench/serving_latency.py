@@ -9,7 +9,7 @@
   runs each.
 
 The bundle comes from `--model-dir`, or is trained first into a temporary
-directory with `moe.lm.training.train` (what `python model.py` runs) on the
+directory with `moe.lm.train` (what `python model.py` runs) on the
 built-in corpus (model.py's defaults; `--quick`: 1 epoch, tiny sizes).
 
 Targets: warm p50 <= 1 ms; cold serve.py <= 1.5 s more than bare
@@ -54,15 +54,16 @@ QUICK_SIZES = {"embed_dim": 16, "hidden_dim": 16, "num_experts": 2}
 def train_bundle(directory: Path, quick: bool) -> Path:
     """Trains model.py's model on the built-in corpus into `directory`.
 
-    In this process, through `moe.lm.training.train` (what `python model.py`
+    In this process, through `moe.lm.train` (what `python model.py`
     runs): model.py's defaults, or 1 epoch of a tiny model with `quick`.
     """
-    from moe.lm import training
+    from moe.lm.training import train
+    from moe.lm.training.config import TrainingConfig
 
     out = directory / "saved_model"
     overrides = {"epochs": 1, **QUICK_SIZES} if quick else {}
-    config = training.TrainingConfig(output=str(out), **overrides)
-    training.train(config, verbose=0)
+    config = TrainingConfig(output=str(out), **overrides)
+    train.train(config, verbose=0)
     return out
 
 
@@ -157,7 +158,7 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory(prefix="bench_serving_") as tmp:
         model_dir = args.model_dir or train_bundle(Path(tmp), args.quick)
-        from moe.lm.predictor import NextWordPredictor
+        from moe.lm.serving.predictor import NextWordPredictor
 
         predictor = NextWordPredictor.load(model_dir)
         load_before = os.getloadavg()[0]

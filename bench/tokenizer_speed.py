@@ -1,4 +1,4 @@
-"""`moe.lm.tokenizer.Tokenizer` against `keras.layers.TextVectorization`.
+"""`moe.lm.text.tokenizer.Tokenizer` against `keras.layers.TextVectorization`.
 
 Why the next-word app has its own small tokenizer: the time to build the
 vocabulary from a corpus (`Tokenizer.fit` against `TextVectorization.adapt`)
@@ -25,7 +25,7 @@ BUILT_IN_CORPUS = (
     Path(__file__).resolve().parent.parent
     / "moe"
     / "lm"
-    / "data"
+    / "text"
     / "default_corpus.txt"
 )
 
@@ -41,7 +41,7 @@ def main(argv=None):
 
     import keras
 
-    from moe.lm.tokenizer import Tokenizer
+    from moe.lm.text.tokenizer import Tokenizer
 
     text = args.corpus.read_text(encoding="utf-8")
     lines = [line for line in text.splitlines() if line.strip()]

@@ -1,8 +1,8 @@
 """Training throughput of model.py's real pipeline: tokenize, tf.data, fit.
 
-Reuses what `model.py` runs (`moe.lm.training`: `TrainingConfig`,
+Reuses what `model.py` runs (`moe.lm.training.train`: `TrainingConfig`,
 `load_corpus`, `prepare_data`, `make_datasets`, `build`) and
-`moe.lm.architectures.compile_model`, and calls `model.fit` exactly as
+`moe.lm.model.architectures.compile_model`, and calls `model.fit` exactly as
 `training.train` does (validation included), with a callback that times each
 epoch's training steps. Reported per configuration:
 
@@ -42,7 +42,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 import keras  # noqa: E402
 
-from moe.lm import training  # noqa: E402
+from moe.lm.training import train  # noqa: E402
+from moe.lm.training.config import (  # noqa: E402
+    TrainingConfig,
+    with_defaults,
+)
+from moe.lm.training.datasets import (  # noqa: E402
+    load_corpus,
+    make_datasets,
+    prepare_data,
+)
+from moe.lm.training.resolve import validate  # noqa: E402
 
 DEFAULT_CORPUS = REPO_ROOT.parent / "shared" / "corpora" / "alice.txt"
 CONFIGS = {
@@ -68,9 +78,9 @@ def matmul_flops_per_s(size=1024, repeats=7):
 
 
 def run_config(name, overrides, steps_per_execution, args, flops_per_s):
-    from moe.lm import architectures
+    from moe.lm.model import architectures
 
-    config = training.TrainingConfig(
+    config = TrainingConfig(
         corpus=[str(args.corpus)] if args.corpus else None,
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -79,26 +89,22 @@ def run_config(name, overrides, steps_per_execution, args, flops_per_s):
         seed=1337,
         **overrides,
     )
-    training.validate(config)
-    config = training.with_defaults(config)
+    validate(config)
+    config = with_defaults(config)
     start = time.perf_counter()
-    texts = training.load_corpus(config)
-    tokenizer, tokens, starts, train_pos, val_pos = training.prepare_data(
-        config, texts
-    )
+    texts = load_corpus(config)
+    tokenizer, tokens, starts, train_pos, val_pos = prepare_data(config, texts)
     prepare_s = time.perf_counter() - start
     start = time.perf_counter()
     keras.utils.set_random_seed(config.seed)
-    train_ds, val_ds = training.make_datasets(
-        config, tokens, starts, train_pos, val_pos
-    )
+    train_ds, val_ds = make_datasets(config, tokens, starts, train_pos, val_pos)
     dataset_s = time.perf_counter() - start
-    model = training.build(config, tokenizer.vocab_size)
+    model = train.build(config, tokenizer.vocab_size)
     architectures.compile_model(
         model,
         config.learning_rate,
         steps_per_execution=steps_per_execution,
-        jit_compile=training.jit_compile(config),
+        jit_compile=train.jit_compile(config),
     )
     timer = EpochTimer()
     model.fit(
@@ -126,7 +132,7 @@ def run_config(name, overrides, steps_per_execution, args, flops_per_s):
         "max_seq_len": config.max_seq_len,
         "batch_size": config.batch_size,
         "steps_per_execution": steps_per_execution,
-        "jit_compile": training.jit_compile(config),
+        "jit_compile": train.jit_compile(config),
         "vocab_size": tokenizer.vocab_size,
         "tokens": int(len(tokens)),
         "train_pairs": pairs,

@@ -24,7 +24,8 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from moe.lm import cli, training  # noqa: E402
+from moe.lm import cli  # noqa: E402
+from moe.lm.training import train  # noqa: E402
 
 
 def run(config, label: str) -> dict:
@@ -37,7 +38,7 @@ def run(config, label: str) -> dict:
         )
     )
     started = time.perf_counter()
-    summary = training.train(config, verbose=0, callbacks=[counter])
+    summary = train.train(config, verbose=0, callbacks=[counter])
     ppl = summary["history"]["val_perplexity"]
     print(f"{label}: " + ", ".join(
         f"step {s} ppl {p:.1f}" for s, p in zip(steps, ppl)

@@ -1,7 +1,7 @@
 """`moe`: truly sparse, serializable Mixture-of-Experts layers for Keras 3.
 
 The public names are imported on first use (PEP 562), so `import moe` and
-`import moe.lm.tokenizer` stay cheap: importing Keras imports its backend
+`import moe.lm.text.tokenizer` stay cheap: importing Keras imports its backend
 (TensorFlow), which takes seconds, and the next-word CLIs check their input
 before paying for it. The layers are imported (and so registered with
 Keras) as soon as Keras is, whichever of the two is imported first, so that

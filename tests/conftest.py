@@ -96,6 +96,6 @@ def lm_trained(tmp_path_factory, lm_corpus_file):
 
 @pytest.fixture(scope="session")
 def lm_predictor(lm_trained):
-    from moe.lm.predictor import NextWordPredictor
+    from moe.lm.serving.predictor import NextWordPredictor
 
     return NextWordPredictor.load(lm_trained[0])

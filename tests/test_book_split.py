@@ -3,8 +3,12 @@
 import pytest
 from conftest import LM_TINY_FLAGS, LM_TINY_SENTENCES
 
-from moe.lm import book_split, cli, corpus, training
-from moe.lm.corpus import CorpusError
+from moe.lm import cli
+from moe.lm.errors import CorpusError
+from moe.lm.text import book_split, corpus
+from moe.lm.training import train
+from moe.lm.training.config import TrainingConfig
+from moe.lm.training.datasets import load_corpus, prepare_data
 
 
 def tiny_flags_without_split():
@@ -51,7 +55,7 @@ def test_validation_corpus_is_held_out_whole(tmp_path):
         ["--corpus", *map(str, split.train),
          "--validation-corpus", str(split.validate)]
     )  # fmt: skip
-    data = training.prepare_data(config, training.load_corpus(config))
+    data = prepare_data(config, load_corpus(config))
     train_tokens, _ = corpus.token_stream(
         data.tokenizer, [p.read_text() for p in split.train]
     )
@@ -64,12 +68,10 @@ def test_validation_corpus_is_held_out_whole(tmp_path):
     )
     assert len(data.tokens) == len(train_tokens) + len(held_tokens)
     # The vocabulary comes from the training books only.
-    unseen = training.TrainingConfig(corpus=[str(p) for p in split.train])
+    unseen = TrainingConfig(corpus=[str(p) for p in split.train])
     assert (
         data.tokenizer.vocabulary
-        == training.prepare_data(
-            unseen, training.load_corpus(unseen)
-        ).tokenizer.vocabulary
+        == prepare_data(unseen, load_corpus(unseen)).tokenizer.vocabulary
     )
 
 
@@ -81,5 +83,5 @@ def test_training_validates_on_the_held_out_book(tmp_path):
          "--validation-corpus", str(split.validate),
          "--output", str(tmp_path / "out"), *tiny_flags_without_split()]
     )  # fmt: skip
-    summary = training.train(config, verbose=0)
+    summary = train.train(config, verbose=0)
     assert summary["pairs"]["validation"] > 0

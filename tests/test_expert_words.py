@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 from conftest import run_script
 
-from moe.lm import bundle, expert_words
-from moe.lm.tokenizer import Tokenizer
+from moe.lm.analysis import expert_words
+from moe.lm.bundle.layout import EXPERT_WORDS_FIGURE, TRAINING_FILE
+from moe.lm.text.tokenizer import Tokenizer
 
 
 def test_counts_of_the_pooled_model_are_a_per_word_loop():
-    from moe.lm import architectures
+    from moe.lm.model import architectures
 
     model = architectures.build_model(
         vocab_size=12, max_seq_len=1, embed_dim=6, num_experts=3,
@@ -34,8 +35,8 @@ def test_counts_of_the_pooled_model_are_a_per_word_loop():
 
 
 def test_counts_of_the_transformer_are_a_per_context_loop():
-    from moe.lm import architectures
-    from moe.lm.explain import ExplainedModel
+    from moe.lm.model import architectures
+    from moe.lm.model.explain import ExplainedModel
 
     model = architectures.build_transformer_model(
         vocab_size=12, max_seq_len=4, embed_dim=8, num_layers=2,
@@ -72,10 +73,10 @@ def test_summary_shares_and_table():
 
 def test_training_records_them_and_serve_prints_them(lm_trained):
     directory, _ = lm_trained
-    training = json.loads((directory / bundle.TRAINING_FILE).read_text())
+    training = json.loads((directory / TRAINING_FILE).read_text())
     words = training[expert_words.KEY]["moe"]
     assert sum(e["words_taken"] for e in words) > 0
-    png = (directory / bundle.EXPERT_WORDS_FIGURE).read_bytes()
+    png = (directory / EXPERT_WORDS_FIGURE).read_bytes()
     assert png.startswith(b"\x89PNG")
     result = run_script("serve.py", "--model-dir", directory,
                         "--expert-words", "3")  # fmt: skip
@@ -88,9 +89,9 @@ def test_serve_without_them_is_one_line(tmp_path, lm_trained):
 
     copy = tmp_path / "old"
     shutil.copytree(lm_trained[0], copy)
-    training = json.loads((copy / bundle.TRAINING_FILE).read_text())
+    training = json.loads((copy / TRAINING_FILE).read_text())
     del training[expert_words.KEY]
-    (copy / bundle.TRAINING_FILE).write_text(json.dumps(training))
+    (copy / TRAINING_FILE).write_text(json.dumps(training))
     result = run_script("serve.py", "--model-dir", copy, "--expert-words")
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1
@@ -124,12 +125,12 @@ def test_a_hand_edited_record_is_one_line_naming_the_field(
 
     copy = tmp_path / "edited"
     shutil.copytree(lm_trained[0], copy)
-    training = json.loads((copy / bundle.TRAINING_FILE).read_text())
+    training = json.loads((copy / TRAINING_FILE).read_text())
     training[expert_words.KEY] = record
-    (copy / bundle.TRAINING_FILE).write_text(json.dumps(training))
+    (copy / TRAINING_FILE).write_text(json.dumps(training))
     code = load_script("serve.py").main(
         ["--model-dir", str(copy), "--expert-words", "3"]
     )
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1, err
-    assert f"{bundle.TRAINING_FILE}: {field}" in err
+    assert f"{TRAINING_FILE}: {field}" in err

@@ -1,4 +1,4 @@
-"""Routing explanations (`moe.lm.explain`, `NextWordPredictor.explain`,
+"""Routing explanations (`moe.lm.model.explain`, `NextWordPredictor.explain`,
 `serve.py --explain`) on the pooled and the Transformer models."""
 
 import keras
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from conftest import load_script
 
-from moe.lm import architectures
-from moe.lm.explain import ExplainedModel, experts_by_row
-from moe.lm.predictor import NextWordPredictor
-from moe.lm.tokenizer import Tokenizer
+from moe.lm.model import architectures
+from moe.lm.model.explain import ExplainedModel, experts_by_row
+from moe.lm.serving.predictor import NextWordPredictor
+from moe.lm.text.tokenizer import Tokenizer
 
 MAX_SEQ_LEN = 4
 CONTEXTS = np.array(

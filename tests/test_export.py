@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 from conftest import load_script
 
-from moe.lm.export import ExportError, export_saved_model, graph_words
-from moe.lm.tokenizer import NUM_RESERVED, split_words
+from moe.lm.errors import ExportError
+from moe.lm.serving.export import (
+    export_saved_model,
+    graph_words,
+)
+from moe.lm.text.tokenizer import NUM_RESERVED, split_words
 
 pytestmark = pytest.mark.skipif(
     keras.backend.backend() != "tensorflow",

@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 from conftest import LM_TINY_CORPUS, run_script
 
-from moe.lm import bundle, cli, finetune, training
-from moe.lm.corpus import CorpusError
-from moe.lm.training_config import ConfigError
+from moe.lm import cli
+from moe.lm.bundle import save_load
+from moe.lm.errors import ConfigError, CorpusError
+from moe.lm.training import finetune, train
+from moe.lm.training.resolve import validate
+from moe.lm.training.summary import summary_line
 
 # New text for fine-tuning: the tiny corpus's words and some it lacks.
 NEW_TEXT = "\n".join(["the zebra sat on the mat.", "how are you, zebra?"] * 12)
@@ -42,12 +45,12 @@ def base_bundle(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("base")
     config = config_for(tmp, LM_TINY_CORPUS, tmp / "base", num_experts=2,
                         num_shared_experts=1)  # fmt: skip
-    training.train(config, verbose=0)
+    train.train(config, verbose=0)
     return tmp / "base"
 
 
 def test_init_from_keeps_frozen_parts_bit_identical(tmp_path, base_bundle):
-    before = bundle.load_bundle(base_bundle)
+    before = save_load.load_bundle(base_bundle)
     # Fine-tune into the same folder: the old bundle stays until the new
     # one is complete (the model is read before training starts).
     out = tmp_path / "tuned"
@@ -55,8 +58,8 @@ def test_init_from_keeps_frozen_parts_bit_identical(tmp_path, base_bundle):
         tmp_path, NEW_TEXT, out, init_from=str(base_bundle),
         freeze="experts,embeddings", epochs=3,
     )  # fmt: skip
-    summary = training.train(first, verbose=0)
-    tuned = bundle.load_bundle(out)
+    summary = train.train(first, verbose=0)
+    tuned = save_load.load_bundle(out)
     assert tuned.tokenizer.vocabulary == before.tokenizer.vocabulary
     assert "zebra" not in tuned.tokenizer.vocabulary  # out-of-vocabulary
     assert summary["config"]["num_shared_experts"] == 1  # from the bundle
@@ -66,7 +69,7 @@ def test_init_from_keeps_frozen_parts_bit_identical(tmp_path, base_bundle):
     unknown = summary["out_of_vocabulary"]
     assert unknown["train"] == pytest.approx(2 / 8, abs=0.02)
     assert f"({unknown['validation']:.1%} of targets out of vocabulary)" in (
-        training.summary_line(summary)
+        summary_line(summary)
     )
     for part, frozen in [("experts", True), ("embeddings", True),
                          ("router", False), ("shared", False)]:  # fmt: skip
@@ -82,8 +85,8 @@ def test_init_from_keeps_frozen_parts_bit_identical(tmp_path, base_bundle):
     second = dataclasses.replace(
         first, init_from=str(out), freeze="router,shared"
     )
-    training.train(second, verbose=0)
-    again = bundle.load_bundle(out)
+    train.train(second, verbose=0)
+    again = save_load.load_bundle(out)
     for part, frozen in [("experts", False), ("embeddings", False),
                          ("router", True), ("shared", True)]:  # fmt: skip
         old, new = weights_of(tuned.model, part), weights_of(again.model, part)
@@ -110,7 +113,7 @@ def test_starting_point_errors(tmp_path, base_bundle, changes, message):
         tmp_path, NEW_TEXT, tmp_path / "out", init_from=str(base_bundle)
     )
     with pytest.raises(ConfigError, match=message):
-        training.validate(dataclasses.replace(config, **changes))
+        validate(dataclasses.replace(config, **changes))
 
 
 def test_fine_tuning_on_text_with_no_known_word_is_refused(
@@ -121,22 +124,22 @@ def test_fine_tuning_on_text_with_no_known_word_is_refused(
     config = config_for(tmp_path, text * 10, tmp_path / "out",
                         init_from=str(base_bundle))  # fmt: skip
     with pytest.raises(CorpusError, match="none of the .* words to predict"):
-        training.train(config, verbose=0)
+        train.train(config, verbose=0)
     assert not (tmp_path / "out").exists()
 
 
 def copy_of(base_bundle, folder, quantize=None, num_experts=None):
     """A copy of the bundle: its model quantized, `training.json`'s
     `num_experts` rewritten (the model keeps its own)."""
-    from moe.lm.quantize import quantize_model
+    from moe.lm.model.quantize_model import quantize_model
 
-    loaded = bundle.load_bundle(base_bundle)
+    loaded = save_load.load_bundle(base_bundle)
     if quantize:
         quantize_model(loaded.model, quantize)
     record = dict(loaded.training, config=dict(loaded.training["config"]))
     if num_experts is not None:
         record["config"]["num_experts"] = num_experts
-    bundle.save_bundle(
+    save_load.save_bundle(
         folder, loaded.model, loaded.tokenizer, loaded.max_seq_len, record
     )
     return str(folder)
@@ -158,7 +161,7 @@ def test_the_starting_model_itself_is_checked(
     config = config_for(tmp_path, NEW_TEXT, tmp_path / "out", **{kind: start})
     if kind == "upcycle_from":
         config = dataclasses.replace(config, num_experts=4)
-    training.validate(config)  # training.json alone does not tell
+    validate(config)  # training.json alone does not tell
     with pytest.raises(ConfigError, match=message):
         finetune.load(config)
 
@@ -169,7 +172,7 @@ def test_freeze_a_part_the_model_lacks(tmp_path, lm_trained):
         init_from=str(lm_trained[0]), freeze="shared",
     )  # fmt: skip
     with pytest.raises(ConfigError, match="no shared experts"):
-        training.validate(config)
+        validate(config)
 
 
 def test_cli_bad_freeze_is_one_line(tmp_path, base_bundle):
@@ -186,7 +189,7 @@ def test_cli_bad_freeze_is_one_line(tmp_path, base_bundle):
 
 @pytest.mark.parametrize("architecture", ["pooled", "transformer"])
 def test_upcycled_model_starts_as_the_dense_one(architecture):
-    from moe.lm import architectures, upcycle
+    from moe.lm.model import architectures, upcycle
 
     builder = {
         "pooled": architectures.build_model,
@@ -207,7 +210,7 @@ def test_upcycled_model_starts_as_the_dense_one(architecture):
         sparse.predict(contexts, verbose=0), expected, atol=1e-5
     )
     # Every expert is the dense FFN; the router is the new model's own.
-    from moe.lm.explain import moe_layer_of, routed_layers
+    from moe.lm.model.routed_layers import moe_layer_of, routed_layers
 
     for layer in routed_layers(sparse):
         kernel = moe_layer_of(layer).experts.weights[0].numpy()
@@ -218,17 +221,17 @@ def test_upcycle_from_trains(tmp_path):
     dense_dir = tmp_path / "dense"
     dense = config_for(tmp_path, LM_TINY_CORPUS, dense_dir, num_experts=1,
                        top_k=1, architecture="transformer")  # fmt: skip
-    training.train(dense, verbose=0)
+    train.train(dense, verbose=0)
     upcycled = config_for(
         tmp_path, LM_TINY_CORPUS, tmp_path / "moe",
         upcycle_from=str(dense_dir), num_experts=4, top_k=2, epochs=1,
     )  # fmt: skip
-    summary = training.train(upcycled, verbose=0)
+    summary = train.train(upcycled, verbose=0)
     assert summary["config"]["architecture"] == "transformer"
     assert summary["config"]["num_experts"] == 4
     assert summary["starting_point"]["kind"] == "upcycle_from"
-    model = bundle.load_bundle(tmp_path / "moe").model
-    from moe.lm.explain import moe_layer_of, routed_layers
+    model = save_load.load_bundle(tmp_path / "moe").model
+    from moe.lm.model.routed_layers import moe_layer_of, routed_layers
 
     kernel = moe_layer_of(routed_layers(model)[0]).experts.weights[0].numpy()
     assert not np.array_equal(kernel[0], kernel[1])  # trained apart

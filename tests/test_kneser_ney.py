@@ -3,8 +3,12 @@
 import numpy as np
 import pytest
 
-from moe.lm.baselines import KneserNey, context_rows, modified_discounts
-from moe.lm.corpus import pair_positions
+from moe.lm.analysis.baselines import (
+    KneserNey,
+    context_rows,
+    modified_discounts,
+)
+from moe.lm.text.corpus import pair_positions
 
 # Ids: 0 padding, 1 OOV, then a=2, b=3, c=4.
 A, B, C = 2, 3, 4

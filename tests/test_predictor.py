@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from conftest import LM_TINY_CORPUS
 
-from moe.lm.metrics import next_word_metrics
-from moe.lm.tokenizer import NUM_RESERVED, split_sentences
+from moe.lm.model.metrics import next_word_metrics
+from moe.lm.text.tokenizer import NUM_RESERVED, split_sentences
 
 QUERIES = [
     "the cat",
@@ -154,7 +154,7 @@ def test_a_nan_prediction_is_never_a_hit():
     # first: both metric implementations must count the row as a miss.
     from keras import ops
 
-    from moe.lm.metrics import real_word_top_k_hits
+    from moe.lm.model.metrics import real_word_top_k_hits
 
     probs = np.array(
         [[0.0, 0.0, np.nan, np.nan], [0.0, 0.0, 0.7, 0.3]], np.float32
@@ -172,7 +172,7 @@ def nan_predictor(lm_predictor):
     """The trained model with one NaN weight: every probability is NaN."""
     import keras
 
-    from moe.lm.predictor import NextWordPredictor
+    from moe.lm.serving.predictor import NextWordPredictor
 
     model = keras.models.clone_model(lm_predictor.model)
     weights = lm_predictor.model.get_weights()
@@ -184,7 +184,7 @@ def nan_predictor(lm_predictor):
 
 
 def test_a_model_that_outputs_nan_gives_no_answer(lm_predictor):
-    from moe.lm.bundle import ModelOutputError
+    from moe.lm.errors import ModelOutputError
 
     broken = nan_predictor(lm_predictor)
     for ask in (
@@ -200,7 +200,7 @@ def test_a_model_that_outputs_nan_gives_no_answer(lm_predictor):
 
 @pytest.mark.parametrize("temperature", [1e-300, 1e-3, 1.0, 1e3, 1e300])
 def test_sampling_weights_are_a_distribution_at_any_temperature(temperature):
-    from moe.lm.predictor import _sharpened
+    from moe.lm.serving.predictor import _sharpened
 
     probs = np.array([1e-30, 0.2, 0.5, 0.3, 0.0], np.float32)
     weights = _sharpened(probs, temperature)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT
 
-from moe.lm.tokenizer import NUM_RESERVED
+from moe.lm.text.tokenizer import NUM_RESERVED
 
 
 @pytest.fixture(scope="module")

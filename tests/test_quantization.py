@@ -298,8 +298,8 @@ def test_other_backends(backend):
 
 
 def test_model_py_writes_an_int8_bundle_that_serves(tmp_path, lm_corpus_file):
-    from moe.lm import bundle
-    from moe.lm.predictor import NextWordPredictor
+    from moe.lm.bundle import save_load
+    from moe.lm.serving.predictor import NextWordPredictor
 
     out = tmp_path / "int8_model"
     result = run_script(
@@ -308,7 +308,7 @@ def test_model_py_writes_an_int8_bundle_that_serves(tmp_path, lm_corpus_file):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "int8: top-1" in result.stdout
-    loaded = bundle.load_bundle(out)
+    loaded = save_load.load_bundle(out)
     assert loaded.training["quantized"]["mode"] == "int8"
     dtypes = {v.path: v.dtype for v in loaded.model.weights}
     experts = [p for p in dtypes if p.endswith("expert_in_kernel")]

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from conftest import LM_TINY_FLAGS
 
-from moe.lm import cli, recipe, training
+from moe.lm import cli
+from moe.lm.errors import ConfigError
+from moe.lm.training import recipe, train
+from moe.lm.training.config import (
+    TrainingConfig,
+    with_defaults,
+)
+from moe.lm.training.resolve import validate
 
 
 def tiny(tmp_path, corpus, *flags):
@@ -19,10 +26,8 @@ def tiny(tmp_path, corpus, *flags):
 
 
 def test_warmup_then_cosine_values():
-    config = training.with_defaults(
-        training.TrainingConfig(
-            learning_rate=1.0, warmup_steps=4, lr_schedule="cosine"
-        )
+    config = with_defaults(
+        TrainingConfig(learning_rate=1.0, warmup_steps=4, lr_schedule="cosine")
     )
     rates = [recipe.learning_rate_at(0.0, s, config) for s in range(4)]
     assert rates == [0.25, 0.5, 0.75, 1.0]
@@ -38,9 +43,7 @@ def test_ema_momentum_warms_up():
 
 
 def test_transformer_defaults_are_the_recipe():
-    config = training.with_defaults(
-        training.TrainingConfig(architecture="transformer")
-    )
+    config = with_defaults(TrainingConfig(architecture="transformer"))
     assert (config.optimizer, config.lr_schedule) == ("adamw", "cosine")
     assert config.clip_norm > 0 and config.weight_decay > 0
     assert 0 < config.ema < 1 and config.warmup_steps > 0
@@ -71,9 +74,9 @@ def test_transformer_defaults_are_the_recipe():
 )
 def test_bad_recipe_settings_are_refused(tmp_path, flags, message):
     config = cli.parse_training_args(["--output", str(tmp_path), *flags])
-    with pytest.raises(training.ConfigError, match=message.replace("[", r"\[")
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")
                        .replace(")", r"\)")):  # fmt: skip
-        training.validate(config)
+        validate(config)
 
 
 def test_adam_records_no_weight_decay(tmp_path):
@@ -83,13 +86,13 @@ def test_adam_records_no_weight_decay(tmp_path):
         ["--architecture", "transformer", "--optimizer", "adam",
          "--output", str(tmp_path / "out")]
     )  # fmt: skip
-    training.validate(config)  # the decay was not given: accepted
-    assert training.with_defaults(config).weight_decay == 0.0
+    validate(config)  # the decay was not given: accepted
+    assert with_defaults(config).weight_decay == 0.0
 
 
 def test_optimizer_options():
-    config = training.with_defaults(
-        training.TrainingConfig(architecture="transformer", clip_norm=0.5)
+    config = with_defaults(
+        TrainingConfig(architecture="transformer", clip_norm=0.5)
     )
     optimizer = recipe.make_optimizer(config)
     assert type(optimizer).__name__ == "AdamW"
@@ -98,7 +101,7 @@ def test_optimizer_options():
 
 
 def test_max_steps_stops_and_saves_the_best(tmp_path, lm_corpus_file):
-    from moe.lm.bundle import load_bundle
+    from moe.lm.bundle.save_load import load_bundle
 
     config = tiny(
         tmp_path, lm_corpus_file, "--epochs", "50", "--max-steps", "5",
@@ -106,7 +109,7 @@ def test_max_steps_stops_and_saves_the_best(tmp_path, lm_corpus_file):
         "--lr-schedule", "cosine", "--optimizer", "adamw",
         "--weight-decay", "0.01", "--clip-norm", "1",
     )  # fmt: skip
-    summary = training.train(config, verbose=0)
+    summary = train.train(config, verbose=0)
     assert summary["steps"] == 5 and summary["stopped_by_budget"]
     assert summary["epochs_run"] < 50
     # What was saved is what early stopping validated best: with the EMA
@@ -120,9 +123,9 @@ def test_ema_is_what_gets_validated(tmp_path, lm_corpus_file):
     # Momentum near 1 keeps the average near the first step's weights: the
     # validated (and saved) model then differs from one trained without it.
     base = ["--epochs", "2", "--steps-per-execution", "1"]
-    plain = training.train(tiny(tmp_path / "a", lm_corpus_file, *base),
+    plain = train.train(tiny(tmp_path / "a", lm_corpus_file, *base),
                            verbose=0)  # fmt: skip
-    averaged = training.train(
+    averaged = train.train(
         tiny(tmp_path / "b", lm_corpus_file, *base, "--ema", "0.99"),
         verbose=0,
     )

@@ -1,4 +1,4 @@
-"""The HTTP JSON API (`moe.lm.server`): answers, batching, bad requests,
+"""The HTTP JSON API (`moe.lm.serving.server`): answers, batching, bad requests,
 load, graceful shutdown. Loopback only, on a tiny trained bundle."""
 
 import asyncio
@@ -20,19 +20,19 @@ from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 from conftest import REPO_ROOT, load_script, script_env
 
-from moe.lm import server_requests
-from moe.lm.bundle import TRAINING_FILE
-from moe.lm.server import (
+from moe.lm.bundle.layout import TRAINING_FILE
+from moe.lm.serving import requests
+from moe.lm.serving.batcher import MicroBatcher
+from moe.lm.serving.server import (
     BATCHER,
     HEALTH_PATH,
     METADATA_PATH,
     PREDICT_PATH,
-    MicroBatcher,
-    ServerConfig,
     create_app,
     serve,
 )
-from moe.lm.tokenizer import NUM_RESERVED
+from moe.lm.serving.server_config import ServerConfig
+from moe.lm.text.tokenizer import NUM_RESERVED
 
 QUERIES = [
     "the cat",
@@ -804,7 +804,7 @@ def test_request_texts_are_tokenized_once_off_the_event_loop(
     # delays /healthz while large requests run.
     loop_threads, encode_threads, check_threads = [], [], []
     encode = lm_predictor.tokenizer.encode
-    has_words = server_requests.has_words
+    has_words = requests.has_words
 
     def recording_encode(text):
         encode_threads.append(threading.get_ident())
@@ -815,7 +815,7 @@ def test_request_texts_are_tokenized_once_off_the_event_loop(
         return has_words(text)
 
     monkeypatch.setattr(lm_predictor.tokenizer, "encode", recording_encode)
-    monkeypatch.setattr(server_requests, "has_words", recording_has_words)
+    monkeypatch.setattr(requests, "has_words", recording_has_words)
 
     async def body(session, app):
         loop_threads.append(threading.get_ident())

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from moe.lm import tokenizer as tok
-from moe.lm.tokenizer import Tokenizer, split_sentences, split_words
+from moe.lm.text import tokenizer as tok
+from moe.lm.text.tokenizer import Tokenizer, split_sentences, split_words
 
 
 def test_words_lowercased_apostrophes_kept_punctuation_dropped():

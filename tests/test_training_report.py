@@ -9,15 +9,24 @@ import numpy as np
 import pytest
 from conftest import LM_TINY_FLAGS
 
-from moe.lm import architectures, bundle, cli, training
-from moe.lm.expert_load import ExpertLoadCallback, expert_load
+from moe.lm import cli
+from moe.lm.analysis.expert_load import ExpertLoadCallback, expert_load
+from moe.lm.bundle import save_load
+from moe.lm.bundle.layout import (
+    EXPERTS_FIGURE,
+    TRAINING_FIGURE,
+    TRAINING_FILE,
+)
+from moe.lm.model import architectures
+from moe.lm.training import train
+from moe.lm.training.config import TrainingConfig
 
 
 def test_bundle_has_the_pictures_as_valid_pngs(lm_trained):
     from matplotlib import image
 
     out, _ = lm_trained
-    for name in (bundle.TRAINING_FIGURE, bundle.EXPERTS_FIGURE):
+    for name in (TRAINING_FIGURE, EXPERTS_FIGURE):
         data = (out / name).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n"), name
         pixels = image.imread(out / name)
@@ -26,7 +35,7 @@ def test_bundle_has_the_pictures_as_valid_pngs(lm_trained):
 
 
 def test_training_json_records_the_load_per_epoch(lm_trained):
-    training = json.loads((lm_trained[0] / bundle.TRAINING_FILE).read_text())
+    training = json.loads((lm_trained[0] / TRAINING_FILE).read_text())
     loads = training["expert_load"]
     experts = training["config"]["num_experts"]
     # Epoch 0 (before training), then one entry per epoch run.
@@ -38,7 +47,7 @@ def test_training_json_records_the_load_per_epoch(lm_trained):
 
 def test_figures_only_with_known_names(tmp_path):
     with pytest.raises(ValueError, match="figures"):
-        bundle.save_bundle(
+        save_load.save_bundle(
             tmp_path / "b", None, None, 1, {}, figures={"x.png": b""}
         )
     assert not list(tmp_path.iterdir())
@@ -77,7 +86,7 @@ def test_expert_load_with_nothing_kept_is_zero():
     assert expert_load([route], [3]) == [[0.0, 0.0, 0.0]]
 
 
-def flags_config(**changes) -> training.TrainingConfig:
+def flags_config(**changes) -> TrainingConfig:
     flags = dict(zip(LM_TINY_FLAGS[::2], LM_TINY_FLAGS[1::2]))
     config = cli.parse_training_args([f for kv in flags.items() for f in kv])
     return dataclasses.replace(config, **changes)
@@ -94,7 +103,7 @@ def test_tensorboard_logs_the_per_expert_load(tmp_path, lm_corpus_file):
         top_k=1,
         epochs=1,
     )
-    summary = training.train(config, verbose=0)
+    summary = train.train(config, verbose=0)
     scalars = {}
     for path in (logs / "expert_load").glob("events.out.tfevents.*"):
         for event in tf.compat.v1.train.summary_iterator(str(path)):

@@ -128,7 +128,7 @@ def test_padding_cannot_change_real_positions(via):
         x = block(x)  # the Embedding's mask
     model = keras.Model(tokens, x)
     ids = np.random.default_rng(0).integers(1, 20, (3, SEQ)).astype("int32")
-    ids[0, :3] = 0  # left padding, as moe.lm.data.contexts makes
+    ids[0, :3] = 0  # left padding, as moe.lm.text.examples.contexts makes
     ids[1, :1] = 0
     real = ids != 0
     before = to_numpy(model(ids))

@@ -10,26 +10,32 @@ import pytest
 from conftest import LM_TINY_FLAGS, run_script
 from keras import ops
 
-from moe.lm import architectures, cli, data, training
-from moe.lm.metrics import next_word_metrics
-from moe.lm.predictor import NextWordPredictor
-from moe.lm.training_config import TrainingConfig, with_defaults
+from moe.lm import cli
+from moe.lm.model import architectures
+from moe.lm.model.metrics import next_word_metrics
+from moe.lm.serving.predictor import NextWordPredictor
+from moe.lm.text import examples
+from moe.lm.training.config import TrainingConfig, with_defaults
+from moe.lm.training.datasets import load_corpus, prepare_data
 
 TRANSFORMER_FLAGS = [
     "--architecture", "transformer", "--num-layers", "1", "--num-heads", "2",
 ]  # fmt: skip
 
 
-def test_max_seq_len_defaults_per_architecture():
-    assert with_defaults(TrainingConfig()).max_seq_len == 1
-    transformer = TrainingConfig(architecture="transformer")
-    assert with_defaults(transformer).max_seq_len == 8
-    explicit = TrainingConfig(architecture="transformer", max_seq_len=5)
+@pytest.mark.parametrize("architecture", ["pooled", "transformer"])
+def test_unset_settings_take_the_architecture_defaults(architecture):
+    # A setting left unset resolves to a value (its architecture's, the one
+    # `--help` shows); a setting given is kept whatever the architecture.
+    resolved = with_defaults(TrainingConfig(architecture=architecture))
+    help_text = cli.training_parser().format_help()
+    for name in ("max_seq_len", "train_positions", "learning_rate"):
+        value = getattr(resolved, name)
+        assert value is not None
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        assert f"{shown} for {architecture}" in " ".join(help_text.split())
+    explicit = TrainingConfig(architecture=architecture, max_seq_len=5)
     assert with_defaults(explicit).max_seq_len == 5
-    assert with_defaults(TrainingConfig()).train_positions == "last"
-    assert with_defaults(transformer).train_positions == "all"
-    assert with_defaults(TrainingConfig()).learning_rate == 3e-3
-    assert with_defaults(transformer).learning_rate == 2e-3
 
 
 @pytest.mark.parametrize(
@@ -197,10 +203,8 @@ def test_train_transformer_then_serve_end_to_end(
     # Whatever it trained on, the reported validation is the serving task:
     # the next word after each held-out context.
     config = with_defaults(cli.parse_training_args(list(map(str, flags))))
-    _, tokens, starts, _, val_pos = training.prepare_data(
-        config, training.load_corpus(config)
-    )
-    contexts = data.contexts(tokens, val_pos, starts[val_pos], 3)
+    _, tokens, starts, _, val_pos = prepare_data(config, load_corpus(config))
+    contexts = examples.contexts(tokens, val_pos, starts[val_pos], 3)
     probs = predictor.model.predict(contexts, verbose=0)
     expected = next_word_metrics(probs, tokens[val_pos])
     for name in ("accuracy", "top5_accuracy", "perplexity"):

@@ -1,15 +1,30 @@
 """Next-word prediction on top of the `moe` layers: train, save, serve.
 
-`tokenizer` (words <-> ids), `corpus` (text files -> token stream), `data`
-(token stream -> tf.data examples), `architectures` (the Keras models and
-their defaults), `training_config` (the settings and their checks),
-`training` (`train()`), `cli` (what the two scripts share), `bundle`
-(`saved_model/` I/O; its folder safety in `bundle_folder`, file names and
-errors in `bundle_layout`), `predictor` (`NextWordPredictor`; its
-generation limits in `generation`), `server` (HTTP; its parts
-`server_config`, `server_requests`, `batcher`), `export` (TF SavedModel).
-`model.py` and `serve.py` are command lines over these; `moe` itself never
-imports `moe.lm`.
+One subpackage per role; imports run one way, text -> model -> bundle ->
+analysis -> training / serving, and training and serving never import each
+other:
+
+- `text`: words <-> ids (`tokenizer`), text files -> token stream
+  (`corpus`, `book_split`), token stream -> `tf.data` next-word examples
+  (`examples`), and the built-in corpus (`default_corpus.txt`).
+- `model`: the Keras models and their defaults (`architectures`),
+  `metrics`, `quantize_model`, `upcycle`, the routed layers of a model
+  (`routed_layers`) and which experts a query went to (`explain`).
+- `bundle`: the `saved_model/` folder: its file names and errors
+  (`layout`), writing it safely (`folder`), `save_load`.
+- `analysis`: what a trained model does: `expert_load`, `expert_words`,
+  the pictures (`plots`), n-gram `baselines`.
+- `training`: the settings (`config`), from the flags to the run's
+  settings (`resolve`), the optimiser `recipe`, `finetune`,
+  `data_parallel`, the run's `datasets`, `train()` (`train`) and its
+  `summary` line.
+- `serving`: `NextWordPredictor` (`predictor`; its limits in
+  `generation`), the HTTP server (`server`, `server_config`, `requests`,
+  `batcher`) and the TF SavedModel `export`.
+
+`errors` holds `UserError`, the base of every error a user can cause;
+`cli` is what the two scripts, `model.py` and `serve.py`, share. `moe`
+itself never imports `moe.lm`.
 
 Example:
     from moe.lm import NextWordPredictor, TrainingConfig, train
@@ -18,27 +33,28 @@ Example:
     NextWordPredictor.load("saved_model").predict_next("how are")
 
 The names below are imported on first use, as in `moe`, so importing a
-light module such as `moe.lm.training` does not load TensorFlow.
+light module such as `moe.lm.training.config` does not load TensorFlow.
 """
 
 from moe._lazy import exports
 
 # Public name -> the module that defines it.
 _PUBLIC = {
-    "Bundle": "moe.lm.bundle",
-    "BundleError": "moe.lm.bundle",
-    "ConfigError": "moe.lm.training_config",
-    "CorpusError": "moe.lm.corpus",
-    "ExportError": "moe.lm.export",
-    "NextWordPredictor": "moe.lm.predictor",
-    "ServerConfig": "moe.lm.server_config",
-    "Tokenizer": "moe.lm.tokenizer",
-    "TrainingConfig": "moe.lm.training_config",
-    "create_app": "moe.lm.server",
-    "export_saved_model": "moe.lm.export",
-    "load_bundle": "moe.lm.bundle",
-    "save_bundle": "moe.lm.bundle",
-    "train": "moe.lm.training",
+    "Bundle": "moe.lm.bundle.save_load",
+    "BundleError": "moe.lm.errors",
+    "ConfigError": "moe.lm.errors",
+    "CorpusError": "moe.lm.errors",
+    "ExportError": "moe.lm.errors",
+    "NextWordPredictor": "moe.lm.serving.predictor",
+    "ServerConfig": "moe.lm.serving.server_config",
+    "Tokenizer": "moe.lm.text.tokenizer",
+    "TrainingConfig": "moe.lm.training.config",
+    "UserError": "moe.lm.errors",
+    "create_app": "moe.lm.serving.server",
+    "export_saved_model": "moe.lm.serving.export",
+    "load_bundle": "moe.lm.bundle.save_load",
+    "save_bundle": "moe.lm.bundle.save_load",
+    "train": "moe.lm.training.train",
 }
 
 __all__ = sorted(_PUBLIC)

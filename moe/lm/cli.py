@@ -14,7 +14,7 @@ import sys
 import threading
 from collections.abc import Iterable
 
-from moe.lm.training_config import TrainingConfig
+from moe.lm.training.config import TrainingConfig
 
 
 def training_parser() -> argparse.ArgumentParser:
@@ -108,7 +108,7 @@ def loading_tensorflow():
 
 @contextlib.contextmanager
 def ctrl_c_stops_training():
-    """Makes Ctrl-C stop `moe.lm.training.train`; yields its event.
+    """Makes Ctrl-C stop `moe.lm.training.train.train`; yields its event.
 
     Ctrl-C raises `KeyboardInterrupt` and also sets the event, which
     `train(interrupted=event)` checks after every step and before saving:
