@@ -142,15 +142,15 @@ def run_backend(args):
         timings = {
             "forward": median_seconds(
                 {
-                    name: lambda m=model: m.predict_on_batch(forward_input)
+                    name: lambda m=model, x=forward_input: m.predict_on_batch(x)
                     for name, model in (("keras_hub", dense), ("moe", sparse))
                 },
                 args.repeats,
             ),
             "generate": median_seconds(
                 {
-                    name: lambda m=model: m.generate(
-                        prompt, stop_token_ids=None
+                    name: lambda m=model, p=prompt: m.generate(
+                        p, stop_token_ids=None
                     )
                     for name, model in (("keras_hub", dense), ("moe", sparse))
                 },
@@ -188,7 +188,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backend", choices=("tensorflow", "jax"))
     parser.add_argument(
-        "--families", nargs="+", choices=sorted(FAMILIES), default=list(FAMILIES)
+        "--families",
+        nargs="+",
+        choices=sorted(FAMILIES),
+        default=list(FAMILIES),
     )
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=32)

@@ -107,6 +107,44 @@ def test_relative_links_resolve(page):
     assert not broken, f"{page.relative_to(ROOT)}: " + "; ".join(broken)
 
 
+# What the pages name: repository paths (with a file suffix, or a folder
+# ending in `/`) and dotted names under `moe`.
+REPO_PATH = re.compile(
+    r"(?<![\w./-])((?:moe|bench|tests|docs|\.ci)/(?:[\w.-]+/)*(?:[\w-]+\.\w+)?)"
+    r"(?![\w/-])"
+)
+DOTTED_NAME = re.compile(r"(?<![\w.])(moe(?:\.[A-Za-z_]\w*)+)")
+
+
+def resolves(name: str) -> bool:
+    """Whether `moe.a.b.c` imports: the longest module prefix, then
+    attributes."""
+    import importlib
+
+    parts = name.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            found = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for attribute in parts[split:]:
+            found = getattr(found, attribute, None)
+        return found is not None
+    return False
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_named_paths_and_modules_exist(page):
+    text = page.read_text(encoding="utf-8")
+    missing = sorted(
+        {path for path in REPO_PATH.findall(text) if not (ROOT / path).exists()}
+        | {name for name in DOTTED_NAME.findall(text) if not resolves(name)}
+    )
+    assert not missing, (
+        f"{page.relative_to(ROOT)} names what is not there: {missing}"
+    )
+
+
 # --- Flags -------------------------------------------------------------------
 
 
