@@ -64,18 +64,6 @@ def run_script(*args, timeout=180, **kwargs) -> subprocess.CompletedProcess:
     )
 
 
-def run_pytest_on_backend(backend, *args) -> subprocess.CompletedProcess:
-    """Runs `pytest -q <args>` in a Python process with `KERAS_BACKEND` set:
-    Keras fixes its backend at import, so other backends need their own."""
-    return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
-        env=dict(os.environ, KERAS_BACKEND=backend),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-
-
 @pytest.fixture(scope="session")
 def lm_corpus_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("lm_corpus") / "tiny.txt"

@@ -3,9 +3,9 @@
 Each case of hf_blocks.CASES builds a tiny seeded block with `transformers`
 (float32, CPU); the converted `MoELayer` must give its outputs to 1e-5, its
 training losses, and ignore an expert no token chose. Runs on the backend
-KERAS_BACKEND names; `test_parity_on_other_backends` reruns the parity tests
-of Mixtral and DeepSeek-V3 (softmax and sigmoid routers, groups, bias, shared
-experts) on JAX and PyTorch.
+KERAS_BACKEND names; test_backends.py (the backend matrix) reruns the parity
+tests of Mixtral, DeepSeek-V3 and GPT-OSS (softmax and sigmoid routers,
+groups, bias, shared experts) on JAX and PyTorch.
 """
 
 import doctest
@@ -20,7 +20,6 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import run_pytest_on_backend
 from hf_blocks import (
     CASES,
     hf_block,
@@ -634,26 +633,3 @@ def test_bfloat16_and_float16_weights_convert():
     layer = from_transformers(MIXTRAL_CONFIG, weights)
     kernel = {w.name: w for w in layer.weights}["router_kernel"]
     np.testing.assert_array_equal(ops.convert_to_numpy(kernel), np.ones((4, 2)))
-
-
-# --- Other backends ----------------------------------------------------------
-
-OTHER_BACKENDS = [b for b in ("jax", "torch") if b != BACKEND]
-
-
-@needs_transformers
-@pytest.mark.skipif(
-    BACKEND != "tensorflow", reason="started from the TensorFlow run"
-)
-@pytest.mark.parametrize("backend", OTHER_BACKENDS)
-def test_parity_on_other_backends(backend):
-    if importlib.util.find_spec(backend) is None:
-        pytest.skip(f"{backend} is not installed")
-    result = run_pytest_on_backend(
-        backend,
-        "-k",
-        "parity and (mixtral or deepseek_v3 or selection_bias or gpt_oss) "
-        "and not other_backends",
-        str(Path(__file__)),
-    )
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]

@@ -3,8 +3,8 @@ width and Qwen2-MoE's gate, experts that are arbitrary Keras layers (the
 ensemble pattern) and an `MoELayer` as an expert of another (nested MoE),
 checked against the NumPy reference in moe_reference.
 
-Runs on the backend KERAS_BACKEND names; test_backends.py reruns this file on
-the other backends.
+Runs on the backend KERAS_BACKEND names; test_backends.py (the backend
+matrix) reruns its backend-dependent tests on the others.
 """
 
 import warnings

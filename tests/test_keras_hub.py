@@ -4,8 +4,8 @@ Tiny backbones of every family are built from their constructors and every
 variable is re-drawn from a seeded distribution (some keras-hub banks start
 at zero, which would make parity trivial). The sparsified model must
 compute what keras-hub computes: each block to 1e-5, the backbone to 1e-4,
-and greedy `generate()` the same token ids. test_backends.py reruns this
-file on JAX and PyTorch.
+and greedy `generate()` the same token ids. test_backends.py reruns two
+families on JAX.
 """
 
 import keras

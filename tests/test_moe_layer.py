@@ -1,7 +1,7 @@
 """MoELayer behaviour, checked against the NumPy reference in moe_reference.
 
-Runs on the backend KERAS_BACKEND names; test_backends.py reruns this file on
-the other backends.
+Runs on the backend KERAS_BACKEND names; test_backends.py (the backend
+matrix) reruns its backend-dependent tests on the others.
 """
 
 import math

@@ -8,7 +8,6 @@ test reruns the NumPy checks on JAX and PyTorch.
 """
 
 import warnings
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -17,7 +16,6 @@ from conftest import (
     LM_TINY_FLAGS,
     LM_TINY_SENTENCES,
     load_script,
-    run_pytest_on_backend,
     run_script,
 )
 
@@ -283,18 +281,6 @@ def test_an_unknown_mode_is_refused():
     experts.build((None, 3))
     with pytest.raises(ValueError, match="Invalid quantization mode"):
         experts.quantize("int3")
-
-
-@pytest.mark.skipif(BACKEND != "tensorflow", reason="runs the others once")
-@pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_other_backends(backend):
-    result = run_pytest_on_backend(
-        backend,
-        "-k",
-        "numpy or round_trips",
-        str(Path(__file__)),
-    )
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
 
 
 def test_model_py_writes_an_int8_bundle_that_serves(tmp_path, lm_corpus_file):

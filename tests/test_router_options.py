@@ -3,8 +3,8 @@ NumPy reference in moe_reference: sigmoid scores, top-k renormalised or not,
 a routed scaling factor, group-limited selection, a selection bias and
 auxiliary-loss-free balancing, custom router objects.
 
-Runs on the backend KERAS_BACKEND names; test_backends.py reruns this file on
-the other backends.
+Runs on the backend KERAS_BACKEND names; test_backends.py (the backend
+matrix) reruns its backend-dependent tests on the others.
 """
 
 import keras

@@ -2,8 +2,8 @@
 guarantees as top-k (reference outputs, sparsity, losses, telemetry, saving,
 compiled calls), checked against the NumPy reference in moe_reference.
 
-Runs on the backend KERAS_BACKEND names; test_backends.py reruns this file on
-the other backends.
+Runs on the backend KERAS_BACKEND names; test_backends.py (the backend
+matrix) reruns its backend-dependent tests on the others.
 """
 
 import math

@@ -1,8 +1,8 @@
 """MoETransformerBlock: causality, padding, routing, saving, training.
 
-Runs on the backend KERAS_BACKEND names; test_backends.py reruns this file on
-the other backends. The next-word model built from the block and its CLI are
-in test_transformer_lm.py.
+Runs on the backend KERAS_BACKEND names; test_backends.py (the backend
+matrix) reruns its backend-dependent tests on the others. The next-word
+model built from the block and its CLI are in test_transformer_lm.py.
 """
 
 import keras
