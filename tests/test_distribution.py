@@ -134,19 +134,33 @@ def test_expert_parallel_shards_experts_and_matches_one_device(tmp_path):
 
 
 KERAS_HUB_EXPERT_PARALLEL_SCRIPT = """
-import json, sys
-sys.path.insert(0, "tests")
-import jax, keras, numpy as np
+import json
+import jax, keras, keras_hub, numpy as np
 import moe.keras_hub
 from moe.distribution import expert_parallel
-from test_keras_hub import inputs, tiny_backbone
 
 assert len(jax.devices()) == 4, jax.devices()
-x = inputs(batch=2, length=7, padded=0)
+rng = np.random.default_rng(1)
+x = {
+    "token_ids": rng.integers(1, 40, (2, 7)).astype("int32"),
+    "padding_mask": np.ones((2, 7), "int32"),
+}
 
 
 def sparse_qwen_moe():
-    backbone = tiny_backbone("qwen_moe")  # 8 experts, a gated shared one
+    # A tiny Qwen-MoE: 8 experts and a gated shared one, every weight drawn
+    # from one seed (some of keras-hub's banks start at zero).
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.QwenMoeBackbone(
+        vocabulary_size=40, num_layers=2, num_query_heads=4, hidden_dim=16,
+        num_key_value_heads=2, intermediate_dim=24, moe_intermediate_dim=8,
+        num_experts=8, top_k=3, shared_expert_intermediate_dim=12,
+    )
+    draw = np.random.default_rng(0)
+    for v in backbone.weights:
+        value = draw.normal(size=v.shape)
+        value = 1 + 0.1 * value if "layernorm" in v.path else 0.3 * value
+        v.assign(value.astype(v.dtype))
     return moe.keras_hub.sparsify(backbone)
 
 
